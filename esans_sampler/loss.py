@@ -1,0 +1,139 @@
+"""InfoNCE over a positive and sampled + virtual negatives (paper eq. 14), in torch.
+
+For row b, with logits ``s_b+ = <u_b, v_b+> / tau`` and ``s_bj = <u_b, v_j> / tau``:
+
+    loss = mean_b [ logsumexp(s_b+, s_b1, ..., s_bN) - s_b+ ]
+
+Negatives are either per positive, (B, N, d), or shared by the whole batch, (N, d), as the
+paper does. Two optional corrections:
+
+* log-q (sampled-softmax bias correction): ``log q`` of the distribution that drew an item
+  is subtracted from its logit. Sampled negatives carry their q (the sampler returns it);
+  virtual negatives are not drawn from anything, so a caller passes 0 for them, which
+  leaves their logits untouched.
+* masking: ``negative_mask[b, j]`` True drops negative j from row b (logit -inf). With
+  shared negatives, :func:`shared_negative_mask` marks a row's own positive and the items
+  of its fine cell (spec §5); virtual negatives are appended as unmasked columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from esans_sampler.errors import InvalidInputError
+
+__all__ = ["info_nce_loss", "shared_negative_mask"]
+
+
+def info_nce_loss(
+    user: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    temperature: float = 0.05,
+    negative_log_q: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
+    positive_log_q: torch.Tensor | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Mean InfoNCE loss of a batch (eq. 14), a scalar tensor.
+
+    user, positive: (B, d). negatives: (B, N, d) per positive, or (N, d) shared by all rows.
+    temperature: tau > 0. negative_log_q: (B, N) or (N,), log of each negative's sampling
+    probability (0 for virtual negatives), subtracted from its logit. negative_mask:
+    (B, N) bool, True = excluded from that row. positive_log_q: (B,), subtracted from the
+    positive logit. normalize: L2-normalise user and item vectors first (cosine logits).
+    """
+    tau = _check_temperature(temperature)
+    if user.dim() != 2 or positive.shape != user.shape:
+        raise InvalidInputError(
+            f"user and positive must both be (B, d), "
+            f"got {tuple(user.shape)} and {tuple(positive.shape)}"
+        )
+    batch, dim = user.shape
+    shared = negatives.dim() == 2
+    if not (
+        (shared and negatives.shape[1] == dim)
+        or (negatives.dim() == 3 and negatives.shape[0] == batch and negatives.shape[2] == dim)
+    ):
+        raise InvalidInputError(
+            f"negatives must be (B, N, d) = ({batch}, N, {dim}) or (N, d) = (N, {dim}), "
+            f"got {tuple(negatives.shape)}"
+        )
+    num_neg = negatives.shape[-2]
+    if normalize:
+        user, positive, negatives = (F.normalize(t, dim=-1) for t in (user, positive, negatives))
+
+    pos_logits = (user * positive).sum(dim=-1) / tau  # (B,)
+    if shared:
+        neg_logits = user @ negatives.transpose(0, 1) / tau  # (B, N)
+    else:
+        neg_logits = torch.einsum("bd,bnd->bn", user, negatives) / tau
+    if positive_log_q is not None:
+        if positive_log_q.shape != (batch,):
+            raise InvalidInputError(
+                f"positive_log_q must be ({batch},), got {tuple(positive_log_q.shape)}"
+            )
+        pos_logits = pos_logits - positive_log_q
+    if negative_log_q is not None:
+        if negative_log_q.shape not in ((num_neg,), (batch, num_neg)):
+            raise InvalidInputError(
+                f"negative_log_q must be ({num_neg},) or ({batch}, {num_neg}), "
+                f"got {tuple(negative_log_q.shape)}"
+            )
+        neg_logits = neg_logits - negative_log_q  # log-q correction
+    if negative_mask is not None:
+        if negative_mask.shape != (batch, num_neg) or negative_mask.dtype != torch.bool:
+            raise InvalidInputError(
+                f"negative_mask must be ({batch}, {num_neg}) bool, "
+                f"got {tuple(negative_mask.shape)} {negative_mask.dtype}"
+            )
+        neg_logits = neg_logits.masked_fill(negative_mask, float("-inf"))
+
+    # eq. 14: -log softmax at the positive, the positive logit sits in column 0.
+    logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
+    return (torch.logsumexp(logits, dim=1) - pos_logits).mean()
+
+
+def shared_negative_mask(
+    positive_ids: torch.Tensor,
+    positive_fine: torch.Tensor,
+    negative_ids: torch.Tensor,
+    negative_fine: torch.Tensor,
+) -> torch.Tensor:
+    """(B, N) bool: True where shared negative j must be dropped from row b (spec §5).
+
+    That is where ``negative_ids[j] == positive_ids[b]`` (the row's own positive) or
+    ``negative_fine[j] == positive_fine[b]`` (same fine cell: a likely false negative).
+    positive_ids, positive_fine: (B,) integer; negative_ids, negative_fine: (N,) integer.
+    A fine cell is one integer per item, e.g. ``primary * K_s + secondary``.
+    """
+    for name, t in (
+        ("positive_ids", positive_ids),
+        ("positive_fine", positive_fine),
+        ("negative_ids", negative_ids),
+        ("negative_fine", negative_fine),
+    ):
+        if t.dim() != 1 or t.is_floating_point() or t.is_complex():
+            raise InvalidInputError(f"{name} must be a 1-D integer tensor, got {t.dtype}")
+    if positive_fine.shape != positive_ids.shape or negative_fine.shape != negative_ids.shape:
+        raise InvalidInputError(
+            f"ids and fine cells differ in length: positives {tuple(positive_ids.shape)} vs "
+            f"{tuple(positive_fine.shape)}, negatives {tuple(negative_ids.shape)} vs "
+            f"{tuple(negative_fine.shape)}"
+        )
+    same_item = positive_ids.unsqueeze(1) == negative_ids.unsqueeze(0)
+    same_cell = positive_fine.unsqueeze(1) == negative_fine.unsqueeze(0)
+    return same_item | same_cell
+
+
+def _check_temperature(temperature: float) -> float:
+    try:
+        tau = float(temperature)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"temperature must be a real number, got {temperature!r}") from exc
+    if not math.isfinite(tau) or tau <= 0:
+        raise InvalidInputError(f"temperature must be finite and > 0, got {temperature!r}")
+    return tau
