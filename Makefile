@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test check test-slow bench clean
+.PHONY: install run test check test-slow bench clean proto
 
 install: $(STAMP)
 
@@ -37,3 +37,6 @@ bench: install
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+proto: install
+	$(BIN)/python scripts/gen_proto.py

@@ -1,0 +1,1 @@
+"""The esans-sampler service: gRPC and HTTP transports around one sampling use case."""
