@@ -1,0 +1,280 @@
+"""Process wiring: Redis, store, registry, the sampling service and both transports.
+
+:class:`ServiceRuntime` builds and starts everything from a :class:`Settings` and stops it
+in order; :func:`run_server` adds logging and signal handling for ``esans serve``. Nothing
+happens at import time.
+
+Shutdown (SIGTERM/SIGINT or :meth:`ServiceRuntime.stop`): readiness goes false first (gRPC
+health NOT_SERVING, ``/readyz`` 503), both servers stop taking new calls and let running
+ones finish for ``shutdown_grace_s``, then the registry watcher, the Redis client and the
+embedded Redis (if any) are stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+
+import redis
+import uvicorn
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from esans_sampler.errors import UnavailableError
+from service.core import SamplingService
+from service.embedded_redis import EmbeddedRedis, running_embedded_url
+from service.grpc_server import GrpcServer, create_grpc_server
+from service.http_app import create_app
+from service.metrics import ServiceMetrics
+from service.registry import CodebookRegistry
+from service.settings import Settings
+from service.store import CodebookStore
+
+logger = logging.getLogger(__name__)
+
+REDIS_TIMEOUT_S = 5.0
+_HTTP_START_TIMEOUT_S = 30.0
+_POLL_S = 0.05
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def connect_redis(settings: Settings) -> tuple[redis.Redis, EmbeddedRedis | None]:
+    """A binary-safe Redis client for ``settings.redis_url``, or for an embedded redis-server
+    started in ``settings.data_dir`` when no URL is set. The caller closes/stops both.
+
+    An unreachable external Redis is logged, not fatal: the service starts unready and
+    loads the active codebook once Redis answers.
+    """
+    embedded = None
+    url = settings.redis_url or running_embedded_url(settings.data_dir)
+    if url is not None and settings.redis_url is None:
+        logger.info("using the embedded Redis already serving %s", settings.data_dir)
+    if url is None:
+        embedded = EmbeddedRedis(settings.data_dir, port=settings.embedded_redis_port).start()
+        url = embedded.url
+        logger.info(
+            "no redis_url set: started an embedded Redis with data in %s", embedded.data_dir
+        )
+    client = redis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        health_check_interval=30,
+        # Fail fast when Redis is down: the registry keeps serving and retries on its own.
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+    )
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        # Keep going: the registry retries, and /readyz says 503 until a codebook loads.
+        logger.warning("Redis at %s does not answer yet: %s", _redact(url), exc)
+    return client, embedded
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on ``host:port`` (0 = a free port), for uvicorn."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class ServiceRuntime:
+    """Everything ``esans serve`` runs, started by :meth:`start` and stopped by :meth:`stop`.
+
+    After :meth:`start`: ``grpc_port`` and ``http_port`` are the bound ports (useful with
+    port 0), ``store``, ``registry`` and ``service`` the live objects.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = ServiceMetrics()
+        self.grpc_port = 0
+        self.http_port = 0
+        self._client: redis.Redis | None = None
+        self._embedded: EmbeddedRedis | None = None
+        self._registry: CodebookRegistry | None = None
+        self._service: SamplingService | None = None
+        self._store: CodebookStore | None = None
+        self._grpc: GrpcServer | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
+        self._http_socket: socket.socket | None = None
+        self._stopped = False
+
+    @property
+    def store(self) -> CodebookStore:
+        if self._store is None:
+            raise UnavailableError("the runtime is not started")
+        return self._store
+
+    @property
+    def registry(self) -> CodebookRegistry:
+        if self._registry is None:
+            raise UnavailableError("the runtime is not started")
+        return self._registry
+
+    @property
+    def service(self) -> SamplingService:
+        if self._service is None:
+            raise UnavailableError("the runtime is not started")
+        return self._service
+
+    def start(self) -> ServiceRuntime:
+        """Connect Redis, load the active codebook (if any) and start both servers."""
+        s = self.settings
+        try:
+            self._client, self._embedded = connect_redis(s)
+            self._store = CodebookStore(
+                self._client, namespace=s.redis_namespace, keep_versions=s.keep_versions
+            )
+            self._registry = CodebookRegistry(
+                self._store,
+                max_loaded=s.max_loaded_versions,
+                poll_interval_s=s.poll_interval_s,
+                on_swap=self._on_swap,
+                on_store_error=self.metrics.store_error,
+            )
+            registry = self._registry
+            self.metrics.watch_stale(lambda: registry.stale)
+            self._service = SamplingService(registry, s, self.metrics)
+            registry.start()  # refresh once, then follow the store
+            if not registry.ready:
+                logger.warning(
+                    "no active codebook in the store yet: sampling answers UNAVAILABLE until "
+                    "one is published (esans publish)"
+                )
+            self._grpc, self.grpc_port = create_grpc_server(s, self._service)
+            self._grpc.start()
+            self._start_http()
+        except BaseException:
+            self.stop(grace=0)
+            raise
+        logger.info(
+            "esans-sampler serving: gRPC on %s:%d, HTTP on %s:%d, codebook %s",
+            s.grpc_host,
+            self.grpc_port,
+            s.http_host,
+            self.http_port,
+            registry.active_version or "none yet",
+        )
+        return self
+
+    def _on_swap(self, version: str) -> None:
+        self.metrics.codebook_swapped(version)
+        if self._grpc is not None:
+            self._grpc.refresh_health()
+
+    def _start_http(self) -> None:
+        s = self.settings
+        app = create_app(s, self.service, self.store, self.registry)
+        sock = _bind(s.http_host, s.http_port)
+        self.http_port = int(sock.getsockname()[1])
+        config = uvicorn.Config(
+            app,
+            log_config=None,  # keep the process' logging configuration
+            log_level=s.log_level.lower(),
+            lifespan="off",
+            timeout_graceful_shutdown=math.ceil(s.shutdown_grace_s),
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="esans-http", daemon=True
+        )
+        self._http, self._http_thread, self._http_socket = server, thread, sock
+        thread.start()
+        deadline = time.monotonic() + _HTTP_START_TIMEOUT_S
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise UnavailableError(f"the HTTP server did not start on port {self.http_port}")
+            time.sleep(_POLL_S)
+
+    @property
+    def healthy(self) -> bool:
+        """False once a server thread has died unexpectedly."""
+        return self._http_thread is not None and self._http_thread.is_alive()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain (readiness false, running calls get ``grace`` s) and stop everything.
+
+        Idempotent. ``grace`` defaults to ``settings.shutdown_grace_s``.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        logger.info("shutting down: draining for up to %.1f s", grace)
+        if self._service is not None:
+            self._service.begin_drain()  # /readyz 503 from now on
+        grpc_done = self._grpc.graceful_stop(grace) if self._grpc is not None else None
+        if self._http is not None:
+            self._http.config.timeout_graceful_shutdown = math.ceil(grace)
+            self._http.should_exit = True
+        if grpc_done is not None:
+            grpc_done.wait(grace + 1.0)
+        if self._http_thread is not None:
+            self._http_thread.join(grace + 5.0)
+            if self._http_thread.is_alive():
+                logger.warning("the HTTP server did not stop within the grace period")
+        if self._http_socket is not None:
+            self._http_socket.close()  # uvicorn served on it; closing twice is harmless
+        if self._registry is not None:
+            self._registry.stop()
+        if self._client is not None:
+            self._client.close()
+        if self._embedded is not None:
+            self._embedded.stop()
+        logger.info("stopped")
+
+
+def configure_logging(level: str) -> None:
+    """Root logging at ``level`` with one stream handler (idempotent)."""
+    logging.basicConfig(level=level, format=_LOG_FORMAT)
+    logging.getLogger().setLevel(level)
+
+
+def run_server(settings: Settings) -> None:
+    """Run the service until SIGTERM or SIGINT, then drain and stop (for ``esans serve``).
+
+    Must be called from the main thread (signal handlers).
+    """
+    configure_logging(settings.log_level)
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    runtime = ServiceRuntime(settings)
+    try:
+        runtime.start()
+        while not stop.wait(0.5):
+            if not runtime.healthy:
+                logger.error("the HTTP server stopped unexpectedly; shutting down")
+                break
+    finally:
+        runtime.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

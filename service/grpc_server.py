@@ -1,0 +1,283 @@
+"""The gRPC transport: ``esans.v1.NegativeSampler`` plus the stock health and reflection.
+
+The servicer only converts protos to a :class:`SampleRequest` and a :class:`SampleResult`
+back; one interceptor maps every error to a status code (:func:`service.errors.describe`)
+and records the call's metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
+from service.core import (
+    ESANS,
+    MIXED,
+    POPULARITY,
+    UNIFORM,
+    CodebookInfo,
+    SampleRequest,
+    SampleResult,
+    SamplingService,
+)
+from service.errors import ErrorReport, describe
+from service.metrics import ServiceMetrics
+from service.settings import MIB, Settings
+from service.tensors import fill_tensor
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = sampler_pb2.DESCRIPTOR.services_by_name["NegativeSampler"].full_name
+_METHOD_PREFIX = f"/{SERVICE_NAME}/"
+# A time_remaining() beyond this means the caller set no deadline.
+_NO_DEADLINE_S = 1e8
+# Threads beyond max_concurrency, so info, health and overload replies are never queued
+# behind sampling work.
+_EXTRA_WORKERS = 8
+# Calls admitted at once (running plus queued) per worker; more get RESOURCE_EXHAUSTED.
+_QUEUED_PER_WORKER = 4
+
+_KIND_FROM_PROTO = {
+    sampler_pb2.SAMPLER_KIND_UNSPECIFIED: ESANS,
+    sampler_pb2.SAMPLER_KIND_ESANS: ESANS,
+    sampler_pb2.SAMPLER_KIND_UNIFORM: UNIFORM,
+    sampler_pb2.SAMPLER_KIND_POPULARITY: POPULARITY,
+    sampler_pb2.SAMPLER_KIND_MIXED: MIXED,
+}
+# Response fields filled from the NegativeSample / EmbeddingResult attribute of that name.
+_SAMPLE_TENSORS = (
+    "positive_primary",
+    "positive_secondary",
+    "simple_ids",
+    "simple_clusters",
+    "simple_log_q",
+    "hard_ids",
+    "hard_counts",
+    "hard_log_q",
+)
+_EMBEDDING_TENSORS = (
+    "positive",
+    "simple",
+    "hard",
+    "virtual_simple",
+    "simple_weights",
+    "virtual_hard",
+)
+_KIND_TO_PROTO = {
+    ESANS: sampler_pb2.SAMPLER_KIND_ESANS,
+    UNIFORM: sampler_pb2.SAMPLER_KIND_UNIFORM,
+    POPULARITY: sampler_pb2.SAMPLER_KIND_POPULARITY,
+    MIXED: sampler_pb2.SAMPLER_KIND_MIXED,
+}
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def request_from_proto(request: sampler_pb2.SampleNegativesRequest) -> SampleRequest:
+    """The transport-free request of a ``SampleNegativesRequest`` (absent fields = None)."""
+
+    def optional(name: str) -> Any:
+        return getattr(request, name) if request.HasField(name) else None
+
+    return SampleRequest(
+        positive_ids=np.array(request.positive_ids, dtype=np.int64),
+        m_c=optional("m_c"),
+        m_o=optional("m_o"),
+        m_h=optional("m_h"),
+        gamma=optional("gamma"),
+        eta=optional("eta"),
+        hard_lambda=optional("hard_lambda"),
+        sampler=_KIND_FROM_PROTO.get(request.sampler, f"SamplerKind({request.sampler})"),
+        codebook_version=request.codebook_version or None,
+        seed=optional("seed"),
+        return_embeddings=request.return_embeddings,
+    )
+
+
+def response_to_proto(result: SampleResult) -> sampler_pb2.SampleNegativesResponse:
+    """The ``SampleNegativesResponse`` of a :class:`SampleResult`."""
+    response = sampler_pb2.SampleNegativesResponse(
+        codebook_version=result.codebook_version, sampler=_KIND_TO_PROTO[result.sampler]
+    )
+    s = result.sample
+    for name in _SAMPLE_TENSORS:
+        fill_tensor(getattr(response, name), getattr(s, name))
+    e = result.embeddings
+    if e is not None:
+        embeddings = response.embeddings
+        for name in _EMBEDDING_TENSORS:
+            fill_tensor(getattr(embeddings, name), getattr(e, name))
+        embeddings.eta = e.eta
+        embeddings.hard_lambda = e.hard_lambda
+    return response
+
+
+def info_to_proto(info: CodebookInfo) -> sampler_pb2.GetCodebookInfoResponse:
+    return sampler_pb2.GetCodebookInfoResponse(
+        version=info.version,
+        active=info.active,
+        loaded_versions=info.loaded_versions,
+        num_items=info.num_items,
+        num_primary=info.num_primary,
+        num_secondary=info.num_secondary,
+        embedding_dim=info.embedding_dim,
+        modalities=info.modalities,
+        created_at=info.created_at,
+        metadata_json=info.metadata_json,
+        stale=info.stale,
+    )
+
+
+def deadline_of(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline as a ``time.monotonic()`` value, or None without one."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > _NO_DEADLINE_S:
+        return None
+    return time.monotonic() + float(remaining)
+
+
+# ----------------------------------------------------------------------------- servicer
+
+
+class NegativeSamplerServicer(sampler_pb2_grpc.NegativeSamplerServicer):
+    """``esans.v1.NegativeSampler``: conversion only; the work is :class:`SamplingService`'s."""
+
+    def __init__(self, service: SamplingService) -> None:
+        self._service = service
+
+    def SampleNegatives(
+        self, request: sampler_pb2.SampleNegativesRequest, context: grpc.ServicerContext
+    ) -> sampler_pb2.SampleNegativesResponse:
+        result = self._service.sample(request_from_proto(request), deadline_of(context))
+        return response_to_proto(result)
+
+    def GetCodebookInfo(
+        self, request: sampler_pb2.GetCodebookInfoRequest, context: grpc.ServicerContext
+    ) -> sampler_pb2.GetCodebookInfoResponse:
+        return info_to_proto(self._service.codebook_info(request.codebook_version or None))
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Maps exceptions of ``esans.v1`` methods to status codes (once) and records metrics."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._metrics = metrics
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not method.startswith(_METHOD_PREFIX):
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(handler.unary_unary, method[len(_METHOD_PREFIX) :]),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(
+        self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str
+    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def mapped(request: Any, context: grpc.ServicerContext) -> Any:
+            failure: ErrorReport | None = None
+            with self._metrics.track("grpc", method) as outcome:
+                try:
+                    return behavior(request, context)
+                except Exception as exc:
+                    failure = describe(exc)
+                    outcome.status = failure.code
+            context.abort(failure.grpc_code, failure.message)  # raises
+
+        return mapped
+
+
+# ----------------------------------------------------------------------------- server
+
+
+class GrpcServer:
+    """A ``grpc.Server`` with its health servicer: start, report readiness, drain, stop."""
+
+    def __init__(self, server: grpc.Server, health_servicer: Any, service: SamplingService) -> None:
+        self.server = server
+        self._health = health_servicer
+        self._service = service
+        self._stopped: threading.Event | None = None
+
+    def start(self) -> GrpcServer:
+        self.server.start()
+        self.refresh_health()
+        return self
+
+    def refresh_health(self) -> None:
+        """SERVING once a codebook is loaded, NOT_SERVING before (and when draining)."""
+        serving = self._service.ready
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, status)
+
+    def graceful_stop(self, grace: float | None) -> threading.Event:
+        """Report NOT_SERVING, refuse new calls, let running ones finish for ``grace`` s.
+
+        Returns the event set once the server has stopped (``wait()`` on it).
+        """
+        if self._stopped is None:
+            self._health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+            self._stopped = self.server.stop(grace)
+        return self._stopped
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(self.server.wait_for_termination(timeout))
+
+
+def create_grpc_server(settings: Settings, service: SamplingService) -> tuple[GrpcServer, int]:
+    """An unstarted server bound to ``settings.grpc_host:grpc_port`` (0 = a free port).
+
+    Returns the server and the bound port. Raises :class:`OSError` if it cannot bind.
+    """
+    workers = settings.max_concurrency + _EXTRA_WORKERS
+    # Requests carry at most max_batch ids (<= 10 bytes each as varints) and a few scalars.
+    max_receive = max(4 * MIB, 11 * settings.max_batch + 64 * 1024)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="esans-grpc"),
+        interceptors=[ErrorMappingInterceptor(service.metrics)],
+        options=[
+            ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+            ("grpc.max_receive_message_length", max_receive),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=workers * _QUEUED_PER_WORKER,
+    )
+    # The generated module has no annotations.
+    sampler_pb2_grpc.add_NegativeSamplerServicer_to_server(  # type: ignore[no-untyped-call]
+        NegativeSamplerServicer(service), server
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    try:
+        port = int(server.add_insecure_port(address))
+    except RuntimeError as exc:
+        raise OSError(f"gRPC cannot bind {address}: {exc}") from exc
+    grpc_server = GrpcServer(server, health_servicer, service)
+    grpc_server.refresh_health()
+    logger.info("gRPC bound to %s:%d", settings.grpc_host, port)
+    return grpc_server, port

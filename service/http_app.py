@@ -1,0 +1,426 @@
+"""The HTTP transport (FastAPI): the sampling API, probes, metrics and the admin API.
+
+``POST /v1/sample`` takes JSON with the field names of ``SampleNegativesRequest`` and
+answers with those of ``SampleNegativesResponse``, each tensor as ``{"dtype", "shape",
+"data"}`` (see :mod:`service.tensors`). Routes only convert; :class:`SamplingService` does
+the work. One exception handler turns every error into its status and the envelope
+``{"error": {"code": "<gRPC code name>", "message": "..."}}``.
+
+Admin routes (``/admin``) need ``Authorization: Bearer <ESANS_ADMIN_TOKEN>``; without a
+configured token they answer 403. Every admin call, allowed or refused, is logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import numpy as np
+import redis
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from esans_sampler.artifact import artifact_from_files
+from esans_sampler.errors import EsansError, InvalidInputError, UnavailableError
+from service.core import CodebookInfo, SampleRequest, SampleResult, SamplingService
+from service.errors import (
+    ErrorReport,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+    describe,
+    status_code,
+)
+from service.registry import CodebookRegistry
+from service.settings import Settings
+from service.store import CodebookStore
+from service.tensors import to_json
+from service.uploads import unpack_upload
+
+audit = logging.getLogger("service.admin")
+
+_KIND_PREFIX = "SAMPLER_KIND_"
+T = TypeVar("T")
+_HTTP_CODES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"}
+
+
+# ----------------------------------------------------------------------------- bodies
+
+
+class SampleBody(BaseModel):
+    """JSON twin of ``SampleNegativesRequest``; absent fields take the server's defaults.
+
+    ``sampler`` is ``"esans"``, ``"uniform"``, ``"popularity"``, ``"mixed"`` or the proto
+    enum name (``"SAMPLER_KIND_UNIFORM"``).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    positive_ids: list[int]
+    m_c: int | None = None
+    m_o: int | None = None
+    m_h: int | None = None
+    gamma: float | None = None
+    eta: float | None = None
+    hard_lambda: float | None = None
+    sampler: str = "esans"
+    codebook_version: str = ""
+    seed: int | None = None
+    return_embeddings: bool = False
+
+    def to_request(self) -> SampleRequest:
+        ids = np.array(self.positive_ids) if self.positive_ids else np.zeros(0, np.int64)
+        return SampleRequest(
+            positive_ids=ids,
+            m_c=self.m_c,
+            m_o=self.m_o,
+            m_h=self.m_h,
+            gamma=self.gamma,
+            eta=self.eta,
+            hard_lambda=self.hard_lambda,
+            sampler=sampler_kind(self.sampler),
+            codebook_version=self.codebook_version or None,
+            seed=self.seed,
+            return_embeddings=self.return_embeddings,
+        )
+
+
+def sampler_kind(name: str) -> str:
+    """``"esans"`` for ``"SAMPLER_KIND_ESANS"``, ``"ESANS"`` or ``"esans"`` (UNSPECIFIED too)."""
+    kind = name.strip().upper().removeprefix(_KIND_PREFIX).lower()
+    return "esans" if kind == "unspecified" else kind
+
+
+def sample_to_json(result: SampleResult) -> dict[str, Any]:
+    """The JSON twin of ``SampleNegativesResponse`` (``embeddings`` null when not asked)."""
+    s = result.sample
+    body: dict[str, Any] = {
+        "codebook_version": result.codebook_version,
+        "sampler": f"{_KIND_PREFIX}{result.sampler.upper()}",
+        "positive_primary": to_json(s.positive_primary),
+        "positive_secondary": to_json(s.positive_secondary),
+        "simple_ids": to_json(s.simple_ids),
+        "simple_clusters": to_json(s.simple_clusters),
+        "simple_log_q": to_json(s.simple_log_q),
+        "hard_ids": to_json(s.hard_ids),
+        "hard_counts": to_json(s.hard_counts),
+        "hard_log_q": to_json(s.hard_log_q),
+        "embeddings": None,
+    }
+    e = result.embeddings
+    if e is not None:
+        body["embeddings"] = {
+            "positive": to_json(e.positive),
+            "simple": to_json(e.simple),
+            "hard": to_json(e.hard),
+            "virtual_simple": to_json(e.virtual_simple),
+            "simple_weights": to_json(e.simple_weights),
+            "virtual_hard": to_json(e.virtual_hard),
+            "eta": e.eta,
+            "hard_lambda": e.hard_lambda,
+        }
+    return body
+
+
+def info_to_json(info: CodebookInfo) -> dict[str, Any]:
+    """The JSON twin of ``GetCodebookInfoResponse``."""
+    return {
+        "version": info.version,
+        "active": info.active,
+        "loaded_versions": info.loaded_versions,
+        "num_items": info.num_items,
+        "num_primary": info.num_primary,
+        "num_secondary": info.num_secondary,
+        "embedding_dim": info.embedding_dim,
+        "modalities": info.modalities,
+        "created_at": info.created_at,
+        "metadata_json": info.metadata_json,
+        "stale": info.stale,
+    }
+
+
+# ----------------------------------------------------------------------------- dependencies
+
+
+def get_service(request: Request) -> SamplingService:
+    service: SamplingService = request.app.state.service
+    return service
+
+
+def get_store(request: Request) -> CodebookStore:
+    store: CodebookStore = request.app.state.store
+    return store
+
+
+def get_registry(request: Request) -> CodebookRegistry:
+    registry: CodebookRegistry = request.app.state.registry
+    return registry
+
+
+def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Let the call through only with the configured bearer token (constant-time compare)."""
+    settings: Settings = request.app.state.settings
+    action = f"{request.method} {request.url.path}"
+    client = request.client.host if request.client is not None else "unknown"
+    if settings.admin_token is None:
+        audit.warning("admin %s from %s refused: the admin API is disabled", action, client)
+        raise PermissionDeniedError(
+            "the admin API is disabled on this server; start it with ESANS_ADMIN_TOKEN set "
+            "to enable it"
+        )
+    scheme, _, token = (authorization or "").partition(" ")
+    expected = settings.admin_token.get_secret_value().encode("utf-8")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode("utf-8"), expected
+    ):
+        audit.warning("admin %s from %s refused: missing or wrong bearer token", action, client)
+        raise UnauthenticatedError(
+            "admin calls need the header 'Authorization: Bearer <admin token>' with the "
+            "server's ESANS_ADMIN_TOKEN"
+        )
+    audit.info("admin %s from %s", action, client)
+
+
+Service = Annotated[SamplingService, Depends(get_service)]
+Store = Annotated[CodebookStore, Depends(get_store)]
+Registry = Annotated[CodebookRegistry, Depends(get_registry)]
+
+
+# ----------------------------------------------------------------------------- API routes
+
+api = APIRouter()
+
+
+@api.post("/v1/sample")
+def sample(body: SampleBody, service: Service) -> JSONResponse:
+    """Negatives for a batch (the HTTP twin of ``SampleNegatives``)."""
+    return JSONResponse(sample_to_json(service.sample(body.to_request())))
+
+
+@api.get("/v1/codebook")
+def codebook(service: Service, version: Annotated[str, Query()] = "") -> JSONResponse:
+    """Facts about the active or a given codebook (the twin of ``GetCodebookInfo``)."""
+    return JSONResponse(info_to_json(service.codebook_info(version or None)))
+
+
+@api.get("/healthz")
+def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "alive"}
+
+
+@api.get("/readyz")
+def readyz(service: Service, store: Store, registry: Registry) -> JSONResponse:
+    """200 when a codebook is served (fresh from Redis, or the last good one while Redis is
+    unreachable, reported as stale); 503 before the first codebook and while draining."""
+    try:
+        redis_ok = bool(store.client.ping())
+    except (redis.RedisError, OSError):
+        redis_ok = False
+    ready = service.ready
+    if not ready:
+        serving = "nothing"
+    elif registry.stale or not redis_ok:
+        serving = "last_good_snapshot"
+    else:
+        serving = "store"
+    body = {
+        "ready": ready,
+        "serving": serving,
+        "codebook_version": registry.active_version,
+        "redis": "reachable" if redis_ok else "unreachable",
+        "stale": registry.stale or (ready and not redis_ok),
+        "stale_reason": registry.stale_reason,
+        "draining": service.draining,
+    }
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@api.get("/metrics")
+def metrics(service: Service) -> Response:
+    """Prometheus text exposition of this instance's metrics."""
+    content, content_type = service.metrics.render()
+    return Response(content=content, media_type=content_type)
+
+
+# ----------------------------------------------------------------------------- admin routes
+
+admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+@admin.get("/versions")
+def list_versions(store: Store, registry: Registry) -> dict[str, Any]:
+    """Every stored version, newest first, and what this replica holds in memory."""
+    versions = _store_call(store.versions)
+    return {
+        "active_version": _store_call(store.active_version),
+        "serving_version": registry.active_version,
+        "loaded_versions": registry.loaded_versions(),
+        "versions": [
+            {
+                "version": v.version,
+                "created_at": v.created_at,
+                "complete": v.complete,
+                "active": v.active,
+                "num_items": v.num_items,
+                "size_bytes": v.size_bytes,
+                "summary": dict(v.summary),
+            }
+            for v in versions
+        ],
+    }
+
+
+@admin.post("/artifacts")
+async def upload_artifact(
+    request: Request,
+    store: Store,
+    registry: Registry,
+    activate: Annotated[bool, Query()] = False,
+) -> dict[str, Any]:
+    """Publish an artifact sent as a tar(.gz) or zip of its directory, or as multipart
+    files; it is verified before it is stored. ``?activate=true`` makes it active."""
+    settings: Settings = request.app.state.settings
+    body = await _read_body(request, settings.max_upload_bytes)
+    content_type = request.headers.get("content-type", "")
+    files = await run_in_threadpool(unpack_upload, body, content_type, settings.max_upload_bytes)
+    version = await run_in_threadpool(_publish, store, registry, files, activate)
+    audit.info("admin published codebook %s (activate=%s)", version, activate)
+    return {
+        "version": version,
+        "activated": activate,
+        "active_version": registry.active_version,
+    }
+
+
+@admin.post("/versions/{version}/activate")
+def activate_version(version: str, store: Store, registry: Registry) -> dict[str, Any]:
+    """Make a stored version the active one (a rollback when it is older)."""
+    _store_call(lambda: store.activate(version))
+    registry.refresh()
+    audit.info("admin activated codebook %s", version)
+    return {"active_version": version, "serving_version": registry.active_version}
+
+
+@admin.post("/refresh")
+def refresh(registry: Registry) -> dict[str, Any]:
+    """Follow the store's active pointer now instead of at the next poll."""
+    changed = registry.refresh()
+    return {
+        "changed": changed,
+        "serving_version": registry.active_version,
+        "stale": registry.stale,
+        "stale_reason": registry.stale_reason,
+    }
+
+
+@admin.delete("/versions/{version}")
+def delete_version(version: str, store: Store) -> dict[str, str]:
+    """Delete a stored version (never the active one)."""
+    _store_call(lambda: store.delete(version))
+    audit.info("admin deleted codebook %s", version)
+    return {"deleted": version}
+
+
+def _store_call(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except redis.RedisError as exc:
+        raise UnavailableError(f"the codebook store (Redis) is unreachable: {exc}") from exc
+
+
+def _publish(
+    store: CodebookStore, registry: CodebookRegistry, files: dict[str, bytes], activate: bool
+) -> str:
+    artifact_from_files(files, verify=True)  # refuse a damaged upload before touching Redis
+    version = _store_call(lambda: store.publish(files, activate=activate))
+    if activate:
+        registry.refresh()
+    return version
+
+
+# ----------------------------------------------------------------------------- uploads
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"upload of {declared} bytes exceeds max_upload_bytes={limit}")
+    buffer = bytearray()
+    async for chunk in request.stream():
+        buffer += chunk
+        if len(buffer) > limit:
+            raise PayloadTooLargeError(f"upload exceeds max_upload_bytes={limit}")
+    return bytes(buffer)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _report(exc: Exception) -> ErrorReport:
+    if isinstance(exc, RequestValidationError):
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        return describe(InvalidInputError(f"invalid request: {details}"))
+    if isinstance(exc, StarletteHTTPException):
+        code = _HTTP_CODES.get(exc.status_code, "UNKNOWN")
+        return ErrorReport(status_code(code), exc.status_code, code, str(exc.detail))
+    return describe(exc)
+
+
+async def error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The one exception handler: status and ``{"error": {"code", "message"}}``."""
+    report = _report(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if report.http_status == 401 else None
+    return JSONResponse(report.envelope(), status_code=report.http_status, headers=headers)
+
+
+async def _track_requests(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """Metrics for every request; an unhandled exception becomes the 500 envelope here."""
+    service: SamplingService = request.app.state.service
+    with service.metrics.track("http", "unmatched") as outcome:
+        try:
+            response = await call_next(request)
+        except Exception as exc:
+            response = await error_response(request, exc)
+        outcome.status = str(response.status_code)
+        path = getattr(request.scope.get("route"), "path", None)
+        if isinstance(path, str):  # the route template: bounded label values
+            outcome.method = path
+    return response
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+def create_app(
+    settings: Settings,
+    service: SamplingService,
+    store: CodebookStore,
+    registry: CodebookRegistry,
+) -> FastAPI:
+    """The FastAPI app over ``service`` (sampling), ``store`` and ``registry`` (admin)."""
+    app = FastAPI(
+        title="esans-sampler",
+        version="1",
+        description="ESANS negative sampling (HTTP twin of esans.v1.NegativeSampler)",
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.store = store
+    app.state.registry = registry
+    app.include_router(api)
+    app.include_router(admin)
+    for exc_class in (EsansError, RequestValidationError, StarletteHTTPException):
+        app.add_exception_handler(exc_class, error_response)
+    app.middleware("http")(_track_requests)
+    return app

@@ -1,0 +1,136 @@
+"""Every Prometheus metric of the service, in one registry per service instance.
+
+A dedicated :class:`CollectorRegistry` per :class:`ServiceMetrics` (not the global one), so
+tests can run many servers in one process. :meth:`ServiceMetrics.track` is the one latency
+helper both transports use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+from service.errors import status_name
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+@dataclass
+class CallOutcome:
+    """How a tracked call is labelled; the transport may refine both while it runs."""
+
+    method: str
+    status: str = "OK"
+
+
+class ServiceMetrics:
+    """The service's metrics (names prefixed ``esans_``) in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "esans_requests",
+            "Requests by transport, method and status (gRPC code name or HTTP status)",
+            ["transport", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "esans_request_latency_seconds",
+            "Request latency by transport and method",
+            ["transport", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "esans_in_flight_requests", "Requests being handled now", ["transport"], registry=r
+        )
+        self.rejected = Counter(
+            "esans_rejected_requests",
+            "Sampling requests refused because max_concurrency were already running",
+            registry=r,
+        )
+        self.negatives = Counter(
+            "esans_negatives_served",
+            "Negatives returned, by sampler and kind (simple, hard, virtual_simple, virtual_hard)",
+            ["sampler", "kind"],
+            registry=r,
+        )
+        self.active_codebook = Info(
+            "esans_active_codebook", "The codebook version served by default", registry=r
+        )
+        self.swaps = Counter(
+            "esans_codebook_swaps", "Times a new active codebook was swapped in", registry=r
+        )
+        self.redis_errors = Counter(
+            "esans_redis_errors",
+            "Codebook store failures seen by the registry (unreachable, unloadable version)",
+            registry=r,
+        )
+        self.stale = Gauge(
+            "esans_codebook_stale",
+            "1 while the store is unreachable and the last good codebook is served",
+            registry=r,
+        )
+
+    @contextmanager
+    def track(self, transport: str, method: str) -> Iterator[CallOutcome]:
+        """Count and time one call; an escaping exception sets its gRPC code as status."""
+        outcome = CallOutcome(method)
+        in_flight = self.in_flight.labels(transport)
+        in_flight.inc()
+        start = time.perf_counter()
+        try:
+            yield outcome
+        except BaseException as exc:
+            outcome.status = status_name(exc)
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            self.latency.labels(transport, outcome.method).observe(elapsed)
+            self.requests.labels(transport, outcome.method, outcome.status).inc()
+            in_flight.dec()
+
+    def codebook_swapped(self, version: str) -> None:
+        """Registry ``on_swap`` callback."""
+        self.swaps.inc()
+        self.active_codebook.info({"version": version})
+
+    def store_error(self, exc: Exception) -> None:
+        """Registry ``on_store_error`` callback."""
+        self.redis_errors.inc()
+
+    def watch_stale(self, is_stale: Callable[[], bool]) -> None:
+        """Read the stale gauge from ``is_stale`` at every scrape."""
+        self.stale.set_function(lambda: 1.0 if is_stale() else 0.0)
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
