@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(BIN)/esans demo --out var/demo
+	$(BIN)/esans serve --demo
 
 check: install
 	$(BIN)/ruff format --check .

@@ -1,0 +1,429 @@
+"""The ``esans`` command line: build, inspect and demo codebooks.
+
+Every subcommand exits 0 on success, 2 on a usage or input error (with a one-line message
+on stderr naming what to fix), never with a traceback for a problem the user can fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esans_sampler.errors import EsansError, UnavailableError
+
+
+def _parse_modality(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE.npy, got {text!r}")
+    return name, path
+
+
+def _add_build_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "build",
+        help="train MSAC codebooks on a catalogue and write a codebook artifact",
+        description="Train MSAC on a catalogue (.npy files or one parquet file) and write a "
+        "versioned codebook artifact directory.",
+    )
+    src = p.add_argument_group("catalogue (either --ids with --modality, or --parquet)")
+    src.add_argument("--ids", help="(N,) int64 item ids, .npy")
+    src.add_argument(
+        "--modality",
+        action="append",
+        type=_parse_modality,
+        default=[],
+        metavar="NAME=FILE.npy",
+        help="(N, D_m) float features of one modality; repeat for each modality",
+    )
+    src.add_argument(
+        "--parquet", help="one parquet file: an id column + one list column per modality"
+    )
+    src.add_argument(
+        "--id-column", default="item_id", help="id column of --parquet (default item_id)"
+    )
+    src.add_argument(
+        "--embeddings", help="optional (N, d) item-tower snapshot .npy for server-side EDIS"
+    )
+    src.add_argument(
+        "--msac-embeddings",
+        action="store_true",
+        help="store the MSAC mean aligned embedding as the EDIS snapshot (without --embeddings)",
+    )
+    p.add_argument("--out", required=True, help="artifact directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
+    hp = p.add_argument_group("MSAC parameters (defaults: paper, Table 6)")
+    hp.add_argument("--kp", "--num-primary", dest="num_primary", type=int, default=300)
+    hp.add_argument("--ks", "--num-secondary", dest="num_secondary", type=int, default=15)
+    hp.add_argument("--dm", "--embedding-dim", dest="embedding_dim", type=int, default=512)
+    hp.add_argument("--beta", type=float, default=2.0, help="weight of each alignment loss")
+    hp.add_argument(
+        "--gamma", type=float, default=1.0, help="cluster-choice sharpness (stored default)"
+    )
+    hp.add_argument("--epochs", type=int, default=None)
+    hp.add_argument("--batch-size", type=int, default=None)
+    hp.add_argument("--learning-rate", type=float, default=None)
+    hp.add_argument("--seed", type=int, default=0)
+    hp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from esans_sampler.artifact import save_artifact
+    from esans_sampler.build import build_artifact, load_embedding_snapshot
+    from esans_sampler.catalogue import file_sha256, load_npy_catalogue, load_parquet_catalogue
+    from esans_sampler.msac import MSACConfig
+
+    if args.parquet and (args.ids or args.modality):
+        raise EsansError("give either --parquet or --ids with --modality, not both")
+    if args.parquet:
+        catalogue = load_parquet_catalogue(args.parquet, id_column=args.id_column)
+        inputs = [args.parquet]
+    elif args.ids and args.modality:
+        names = [name for name, _ in args.modality]
+        if len(set(names)) != len(names):
+            raise EsansError(f"modality names must be unique, got {names}")
+        catalogue = load_npy_catalogue(args.ids, dict(args.modality))
+        inputs = [args.ids, *(path for _, path in args.modality)]
+    else:
+        raise EsansError("no catalogue: give --ids with at least one --modality, or --parquet")
+
+    optional = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "num_threads": args.threads,
+    }
+    overrides = {key: value for key, value in optional.items() if value is not None}
+    config = MSACConfig(
+        embedding_dim=args.embedding_dim,
+        num_primary=args.num_primary,
+        num_secondary=args.num_secondary,
+        beta=args.beta,
+        seed=args.seed,
+        **overrides,
+    )
+    embeddings: Any = None
+    if args.embeddings:
+        embeddings = load_embedding_snapshot(args.embeddings, catalogue.num_items)
+    elif args.msac_embeddings:
+        embeddings = "msac"
+    started = time.perf_counter()
+    checksums = {path: file_sha256(path) for path in inputs}
+    artifact = build_artifact(
+        catalogue,
+        config,
+        gamma=args.gamma,
+        embeddings=embeddings,
+        input_checksums=checksums,
+        show_progress_bar=not args.quiet,
+    )
+    version = save_artifact(artifact, args.out, overwrite=args.overwrite)
+    elapsed = time.perf_counter() - started
+    print(_history_table(artifact.metadata["history"]))
+    print()
+    print(_summary(artifact.metadata, artifact.cluster_choice))
+    print(f"\nwrote {args.out} (version {version[:16]}) in {elapsed:.1f} s")
+    return 0
+
+
+def _history_table(history: list[dict[str, Any]]) -> str:
+    columns = [
+        ("epoch", "epoch", "{:d}"),
+        ("align", "alignment_loss", "{:.4f}"),
+        ("L_SQ", "sq_loss", "{:.4f}"),
+        ("quant.err", "quantisation_error", "{:.4f}"),
+        ("Kp used", "primary_used", "{:d}"),
+        ("Kp perpl.", "primary_perplexity", "{:.1f}"),
+        ("Ks used", "secondary_used", "{:d}"),
+        ("Ks perpl.", "secondary_perplexity", "{:.1f}"),
+        ("reseeded", "reseeded_primary", "{:d}"),
+        ("s", "seconds", "{:.1f}"),
+    ]
+    rows = [[title for title, _, _ in columns]]
+    for epoch in history:
+        rows.append([fmt.format(epoch[key]) for _, key, fmt in columns])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
+def _summary(metadata: dict[str, Any], cluster_choice: np.ndarray[Any, Any]) -> str:
+    from esans_sampler.cluster_choice import effective_clusters
+
+    stats = metadata["stats"]
+    params = metadata["parameters"]
+    catalogue = metadata["catalogue"]
+    rows_with_choice = cluster_choice.sum(axis=1) > 0
+    effective = effective_clusters(cluster_choice)[rows_with_choice]
+    if effective.size == 0:
+        effective = np.zeros(1)
+    snapshot = metadata.get("embeddings")
+    histogram = ", ".join(
+        f"{int(lo)}-{int(hi)}: {count}"
+        for lo, hi, count in zip(
+            stats["cluster_size_bin_edges"][:-1],
+            stats["cluster_size_bin_edges"][1:],
+            stats["cluster_size_counts"],
+            strict=True,
+        )
+    )
+    rows = [
+        ("items", str(catalogue["num_items"])),
+        ("modalities", ", ".join(f"{k} ({v})" for k, v in catalogue["modalities"].items())),
+        (
+            "K_p / K_s / d_m",
+            f"{params['num_primary']} / {params['num_secondary']} / {params['embedding_dim']}",
+        ),
+        (
+            "primary used",
+            f"{stats['primary_used']} of {params['num_primary']}"
+            f" (perplexity {stats['primary_perplexity']:.1f})",
+        ),
+        (
+            "secondary used",
+            f"{stats['secondary_used']} of {params['num_secondary']}"
+            f" (perplexity {stats['secondary_perplexity']:.1f})",
+        ),
+        (
+            "fine cells used",
+            f"{stats['fine_cells_used']} (perplexity {stats['fine_perplexity']:.1f})",
+        ),
+        (
+            "cluster sizes",
+            f"min {stats['cluster_size_min']}, median {stats['cluster_size_median']:g},"
+            f" max {stats['cluster_size_max']}, empty {stats['empty_clusters']}",
+        ),
+        ("size histogram", histogram),
+        (
+            "cluster choice",
+            f"gamma {params['gamma']:g}; effective clusters per row min {effective.min():.1f},"
+            f" median {np.median(effective):.1f}, max {effective.max():.1f}",
+        ),
+        ("embedding snapshot", f"d={snapshot['dim']}" if snapshot else "none"),
+    ]
+    return "\n".join(f"{label:<20}{value}" for label, value in rows)
+
+
+def _add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "inspect", help="show a codebook artifact's parameters and cluster statistics"
+    )
+    p.add_argument("artifact", help="artifact directory written by `esans build`")
+    p.add_argument(
+        "--codes", metavar="FILE.csv", help="write item_id,primary,secondary for every item"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the metadata as JSON instead of a table"
+    )
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from esans_sampler.artifact import load_artifact
+
+    artifact = load_artifact(args.artifact)
+    if args.json:
+        print(json.dumps({"version": artifact.version, **artifact.metadata}, indent=2))
+    else:
+        print(f"{'artifact':<20}{args.artifact}")
+        print(f"{'version':<20}{artifact.version}")
+        print(_summary(artifact.metadata, artifact.cluster_choice))
+    if args.codes:
+        index = artifact.index
+        table = np.column_stack([index.item_ids, index.primary, index.secondary])
+        with open(args.codes, "w", encoding="utf-8") as out:
+            out.write("item_id,primary,secondary\n")
+            np.savetxt(out, table, fmt="%d", delimiter=",")
+        print(f"wrote {index.num_items} rows to {args.codes}", file=sys.stderr)
+    return 0
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("demo", help="generate a demo catalogue and build a codebook from it")
+    p.add_argument(
+        "--out", default="var/demo", help="directory for the demo catalogue and artifact"
+    )
+    p.add_argument("--items", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from esans_sampler.artifact import load_artifact, save_artifact
+    from esans_sampler.build import build_artifact
+    from esans_sampler.catalogue import load_npy_catalogue, write_npy_catalogue
+    from esans_sampler.msac import MSACConfig
+    from esans_sampler.synthetic import make_planted_catalogue
+
+    out = Path(args.out)
+    artifact_dir = out / "artifact"
+    if (artifact_dir / "manifest.json").exists():
+        artifact = load_artifact(artifact_dir)
+        print(f"demo artifact already at {artifact_dir} (version {artifact.version[:16]})")
+        return 0
+    planted = make_planted_catalogue(
+        args.items, {"image": 256, "text": 128, "graph": 32}, num_clusters=40, seed=args.seed
+    )
+    paths = write_npy_catalogue(out / "catalogue", planted.item_ids, planted.features)
+    catalogue = load_npy_catalogue(paths["ids"], {k: v for k, v in paths.items() if k != "ids"})
+    config = MSACConfig(embedding_dim=64, num_primary=48, num_secondary=6, epochs=3, seed=args.seed)
+    artifact = build_artifact(
+        catalogue, config, embeddings="msac", show_progress_bar=not args.quiet
+    )
+    version = save_artifact(artifact, artifact_dir, overwrite=True)
+    print(_summary(artifact.metadata, artifact.cluster_choice))
+    print(f"\nwrote demo catalogue to {out / 'catalogue'} and artifact to {artifact_dir}")
+    print(f"version {version[:16]}; try: esans inspect {artifact_dir}")
+    return 0
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve SampleNegatives over gRPC and HTTP",
+        description="Serve SampleNegatives over gRPC and HTTP. Every setting can also be given "
+        "as an ESANS_ environment variable (e.g. ESANS_REDIS_URL); flags win.",
+    )
+    p.add_argument("--redis-url", help="codebook store; default: an embedded redis-server")
+    p.add_argument("--data-dir", help="embedded Redis data directory (default var/redis)")
+    p.add_argument("--grpc-port", type=int)
+    p.add_argument("--http-port", type=int)
+    p.add_argument("--log-level")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="if no codebook is active, build a demo codebook (esans demo) and publish it first",
+    )
+    p.add_argument("--demo-dir", default="var/demo", help="where --demo keeps its catalogue")
+
+
+def _serve_settings(args: argparse.Namespace) -> Any:
+    from service.settings import load_settings
+
+    flags = {
+        "redis_url": getattr(args, "redis_url", None),
+        "data_dir": getattr(args, "data_dir", None),
+        "grpc_port": getattr(args, "grpc_port", None),
+        "http_port": getattr(args, "http_port", None),
+        "log_level": getattr(args, "log_level", None),
+        "redis_namespace": getattr(args, "namespace", None),
+        "keep_versions": getattr(args, "keep_versions", None),
+    }
+    return load_settings(flags)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from service.app import run_server
+
+    settings = _serve_settings(args)
+    if args.demo:
+        _publish_demo_if_empty(settings, Path(args.demo_dir))
+    run_server(settings)
+    return 0
+
+
+def _publish_demo_if_empty(settings: Any, demo_dir: Path) -> None:
+    from esans_sampler.artifact import read_artifact_files
+    from service.app import connect_redis
+    from service.store import CodebookStore
+
+    client, embedded = connect_redis(settings)
+    try:
+        store = CodebookStore(client, settings.redis_namespace, settings.keep_versions)
+        active = store.active_version()
+        if active is not None:
+            print(f"codebook {active[:16]} is active; not publishing the demo")
+            return
+        _cmd_demo(argparse.Namespace(out=str(demo_dir), items=20_000, seed=0, quiet=False))
+        version = store.publish(read_artifact_files(demo_dir / "artifact"), activate=True)
+        print(f"published and activated demo codebook {version[:16]}")
+    finally:
+        client.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _add_publish_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "publish",
+        help="store a codebook artifact in Redis as a new version and activate it",
+        description="Verify an artifact, write it to Redis under a new version and flip the "
+        "active pointer atomically; running replicas swap to it without a restart.",
+    )
+    p.add_argument("artifact", help="artifact directory written by `esans build`")
+    p.add_argument("--redis-url", help="default: ESANS_REDIS_URL, else the embedded Redis")
+    p.add_argument("--data-dir", help="embedded Redis data directory (default var/redis)")
+    p.add_argument("--namespace", help="Redis key namespace (default esans)")
+    p.add_argument("--keep-versions", type=int, help="complete versions kept (default 5)")
+    p.add_argument("--no-activate", action="store_true", help="store without activating")
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    import redis
+
+    from esans_sampler.artifact import read_artifact_files
+    from service.app import connect_redis
+    from service.store import CodebookStore
+
+    settings = _serve_settings(args)
+    files = read_artifact_files(args.artifact)
+    client, embedded = connect_redis(settings)
+    try:
+        store = CodebookStore(client, settings.redis_namespace, settings.keep_versions)
+        version = store.publish(files, activate=not args.no_activate)
+    except redis.RedisError as exc:
+        raise UnavailableError(f"cannot publish: Redis does not answer ({exc})") from exc
+    finally:
+        client.close()
+        if embedded is not None:
+            embedded.stop()
+    state = "stored" if args.no_activate else "published and activated"
+    print(f"{state} version {version}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esans", description="ESANS negative sampling")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_build_parser(sub)
+    _add_inspect_parser(sub)
+    _add_demo_parser(sub)
+    _add_serve_parser(sub)
+    _add_publish_parser(sub)
+    return parser
+
+
+_COMMANDS = {
+    "build": _cmd_build,
+    "inspect": _cmd_inspect,
+    "demo": _cmd_demo,
+    "serve": _cmd_serve,
+    "publish": _cmd_publish,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (EsansError, FileNotFoundError) as exc:
+        print(f"esans {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `esans inspect ... | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print(f"esans {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

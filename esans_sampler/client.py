@@ -1,0 +1,377 @@
+"""What a trainer imports to call the service: gRPC and HTTP clients returning numpy arrays.
+
+Both clients retry UNAVAILABLE (and connection failures) with exponential backoff, apply a
+per-call deadline, and raise the same :mod:`esans_sampler.errors` classes the server raised,
+so ``except InvalidInputError`` works whichever transport is used.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from esans_sampler import errors
+
+T = TypeVar("T")
+
+SAMPLER_KINDS = ("esans", "uniform", "popularity", "mixed")
+# Large enough for B=4096 with embeddings at d=512; the server sets the same limit.
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+
+_ERRORS_BY_CODE: dict[str, type[errors.EsansError]] = {
+    "INVALID_ARGUMENT": errors.InvalidInputError,
+    "NOT_FOUND": errors.NotFoundError,
+    "FAILED_PRECONDITION": errors.FailedPreconditionError,
+    "UNAVAILABLE": errors.UnavailableError,
+    "RESOURCE_EXHAUSTED": errors.ResourceExhaustedError,
+}
+
+
+class DeadlineExceededError(errors.EsansError):
+    """The call did not finish within its deadline."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+    http_status = 504
+
+
+def error_for(code: str, message: str) -> errors.EsansError:
+    """The library exception for a status ``code`` name (``"INVALID_ARGUMENT"``, ...)."""
+    if code == "DEADLINE_EXCEEDED":
+        return DeadlineExceededError(message)
+    return _ERRORS_BY_CODE.get(code, errors.EsansError)(message)
+
+
+@dataclass(frozen=True)
+class SampledEmbeddings:
+    """Embeddings from the codebook's snapshot and the EDIS virtual negatives built on them.
+
+    positive (B, d); simple (B, m_c, m_o, d); hard (B, m_h, d); virtual_simple (B, m_c, T, d);
+    simple_weights (B, m_c, T, m_o) with ``virtual_simple == simple_weights @ simple``;
+    virtual_hard (B, m_h, d). Rows past ``hard_counts`` are zero.
+    """
+
+    positive: npt.NDArray[np.float32]
+    simple: npt.NDArray[np.float32]
+    hard: npt.NDArray[np.float32]
+    virtual_simple: npt.NDArray[np.float32]
+    simple_weights: npt.NDArray[np.float32]
+    virtual_hard: npt.NDArray[np.float32]
+    eta: float
+    hard_lambda: float
+
+
+@dataclass(frozen=True)
+class SampleResponse:
+    """One ``SampleNegatives`` answer as numpy arrays (shapes as in the proto).
+
+    simple_ids (B, m_c, m_o) int64, simple_clusters (B, m_c) int32, simple_log_q float32;
+    hard_ids (B, m_h) int64 (-1 past hard_counts), hard_counts (B,) int32, hard_log_q
+    float32 (-inf past hard_counts); positive_primary / positive_secondary (B,) int32.
+    """
+
+    codebook_version: str
+    sampler: str
+    positive_primary: npt.NDArray[np.int32]
+    positive_secondary: npt.NDArray[np.int32]
+    simple_ids: npt.NDArray[np.int64]
+    simple_clusters: npt.NDArray[np.int32]
+    simple_log_q: npt.NDArray[np.float32]
+    hard_ids: npt.NDArray[np.int64]
+    hard_counts: npt.NDArray[np.int32]
+    hard_log_q: npt.NDArray[np.float32]
+    embeddings: SampledEmbeddings | None = None
+
+    @property
+    def hard_valid(self) -> npt.NDArray[np.bool_]:
+        """(B, m_h) True where a hard slot holds a real negative."""
+        m_h = self.hard_ids.shape[1]
+        mask: npt.NDArray[np.bool_] = np.arange(m_h)[None, :] < self.hard_counts[:, None]
+        return mask
+
+
+def _with_retries(
+    call: Callable[[], T], retries: int, backoff_s: float, deadline: float | None
+) -> T:
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except errors.UnavailableError:
+            attempt += 1
+            pause = backoff_s * (2 ** (attempt - 1))
+            if attempt > retries or (deadline is not None and time.monotonic() + pause > deadline):
+                raise
+            time.sleep(pause)
+
+
+def _sample_fields(
+    positive_ids: npt.ArrayLike | Sequence[int],
+    m_c: int | None,
+    m_o: int | None,
+    m_h: int | None,
+    gamma: float | None,
+    eta: float | None,
+    hard_lambda: float | None,
+    sampler: str,
+    codebook_version: str,
+    seed: int | None,
+    return_embeddings: bool,
+) -> dict[str, Any]:
+    if sampler not in SAMPLER_KINDS:
+        raise errors.InvalidInputError(f"sampler must be one of {SAMPLER_KINDS}, got {sampler!r}")
+    fields: dict[str, Any] = {
+        "positive_ids": np.asarray(positive_ids, dtype=np.int64).ravel().tolist(),
+        "sampler": sampler,
+        "codebook_version": codebook_version,
+        "return_embeddings": return_embeddings,
+    }
+    optional = {
+        "m_c": m_c,
+        "m_o": m_o,
+        "m_h": m_h,
+        "gamma": gamma,
+        "eta": eta,
+        "hard_lambda": hard_lambda,
+        "seed": seed,
+    }
+    fields.update({k: v for k, v in optional.items() if v is not None})
+    return fields
+
+
+class SamplerClient:
+    """gRPC client of ``esans.v1.NegativeSampler``.
+
+    >>> with SamplerClient("localhost:50051") as client:  # doctest: +SKIP
+    ...     response = client.sample([101, 202, 303], seed=7)
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        import grpc
+
+        from service._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
+
+        self._grpc = grpc
+        self._pb2 = sampler_pb2
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self._stub = sampler_pb2_grpc.NegativeSamplerStub(self._channel)  # type: ignore[no-untyped-call]
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def __enter__(self) -> SamplerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout_s: float | None) -> Any:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+
+        def once() -> Any:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            try:
+                return method(request, timeout=remaining)
+            except self._grpc.RpcError as exc:
+                raise error_for(exc.code().name, exc.details() or str(exc)) from exc
+
+        return _with_retries(once, self.retries, self.backoff_s, deadline)
+
+    def sample(
+        self,
+        positive_ids: npt.ArrayLike | Sequence[int],
+        *,
+        m_c: int | None = None,
+        m_o: int | None = None,
+        m_h: int | None = None,
+        gamma: float | None = None,
+        eta: float | None = None,
+        hard_lambda: float | None = None,
+        sampler: str = "esans",
+        codebook_version: str = "",
+        seed: int | None = None,
+        return_embeddings: bool = False,
+        timeout_s: float | None = None,
+    ) -> SampleResponse:
+        """Negatives for ``positive_ids`` (B,); unset parameters take the server defaults."""
+        fields = _sample_fields(
+            positive_ids, m_c, m_o, m_h, gamma, eta, hard_lambda, sampler,
+            codebook_version, seed, return_embeddings,
+        )  # fmt: skip
+        fields["sampler"] = self._pb2.SamplerKind.Value(f"SAMPLER_KIND_{sampler.upper()}")
+        request = self._pb2.SampleNegativesRequest(**fields)
+        reply = self._call(self._stub.SampleNegatives, request, timeout_s)
+        return _response_from_proto(reply)
+
+    def codebook_info(self, version: str = "", timeout_s: float | None = None) -> dict[str, Any]:
+        """The active (or named) codebook's description, as a dict."""
+        from google.protobuf.json_format import MessageToDict
+
+        request = self._pb2.GetCodebookInfoRequest(codebook_version=version)
+        reply = self._call(self._stub.GetCodebookInfo, request, timeout_s)
+        info: dict[str, Any] = MessageToDict(reply, preserving_proto_field_name=True)
+        return info
+
+
+def _response_from_proto(reply: Any) -> SampleResponse:
+    from service.tensors import from_tensor
+
+    embeddings = None
+    if reply.HasField("embeddings"):
+        e = reply.embeddings
+        embeddings = SampledEmbeddings(
+            positive=from_tensor(e.positive),
+            simple=from_tensor(e.simple),
+            hard=from_tensor(e.hard),
+            virtual_simple=from_tensor(e.virtual_simple),
+            simple_weights=from_tensor(e.simple_weights),
+            virtual_hard=from_tensor(e.virtual_hard),
+            eta=e.eta,
+            hard_lambda=e.hard_lambda,
+        )
+    kind = reply.DESCRIPTOR.fields_by_name["sampler"].enum_type.values_by_number[reply.sampler]
+    return SampleResponse(
+        codebook_version=reply.codebook_version,
+        sampler=kind.name.removeprefix("SAMPLER_KIND_").lower(),
+        positive_primary=from_tensor(reply.positive_primary),
+        positive_secondary=from_tensor(reply.positive_secondary),
+        simple_ids=from_tensor(reply.simple_ids),
+        simple_clusters=from_tensor(reply.simple_clusters),
+        simple_log_q=from_tensor(reply.simple_log_q),
+        hard_ids=from_tensor(reply.hard_ids),
+        hard_counts=from_tensor(reply.hard_counts),
+        hard_log_q=from_tensor(reply.hard_log_q),
+        embeddings=embeddings,
+    )
+
+
+class HttpSamplerClient:
+    """HTTP/JSON client of ``POST /v1/sample`` and ``GET /v1/codebook``, same results."""
+
+    def __init__(
+        self,
+        base_url: str = "http://localhost:8000",
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+    ) -> None:
+        import httpx
+
+        self._httpx = httpx
+        self._client = httpx.Client(base_url=base_url, timeout=timeout_s)
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def __enter__(self) -> HttpSamplerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _request(
+        self, method: str, path: str, timeout_s: float | None, **kwargs: Any
+    ) -> dict[str, Any]:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+
+        def once() -> dict[str, Any]:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            try:
+                reply = self._client.request(method, path, timeout=remaining, **kwargs)
+            except self._httpx.TimeoutException as exc:
+                raise DeadlineExceededError(f"{method} {path} timed out") from exc
+            except self._httpx.TransportError as exc:
+                raise errors.UnavailableError(f"{method} {path}: {exc}") from exc
+            body: dict[str, Any] = reply.json()
+            if reply.status_code >= 400:
+                error = body.get("error", {})
+                raise error_for(error.get("code", ""), error.get("message", reply.text))
+            return body
+
+        return _with_retries(once, self.retries, self.backoff_s, deadline)
+
+    def sample(
+        self,
+        positive_ids: npt.ArrayLike | Sequence[int],
+        *,
+        m_c: int | None = None,
+        m_o: int | None = None,
+        m_h: int | None = None,
+        gamma: float | None = None,
+        eta: float | None = None,
+        hard_lambda: float | None = None,
+        sampler: str = "esans",
+        codebook_version: str = "",
+        seed: int | None = None,
+        return_embeddings: bool = False,
+        timeout_s: float | None = None,
+    ) -> SampleResponse:
+        """Negatives for ``positive_ids`` (B,); unset parameters take the server defaults."""
+        fields = _sample_fields(
+            positive_ids, m_c, m_o, m_h, gamma, eta, hard_lambda, sampler,
+            codebook_version, seed, return_embeddings,
+        )  # fmt: skip
+        body = self._request("POST", "/v1/sample", timeout_s, json=fields)
+        return _response_from_json(body)
+
+    def codebook_info(self, version: str = "", timeout_s: float | None = None) -> dict[str, Any]:
+        return self._request("GET", "/v1/codebook", timeout_s, params={"version": version})
+
+
+def _response_from_json(body: dict[str, Any]) -> SampleResponse:
+    from service.tensors import from_json
+
+    def arr(value: dict[str, Any]) -> Any:
+        return from_json(value, null=-np.inf)
+
+    embeddings = None
+    if body.get("embeddings"):
+        e = body["embeddings"]
+        embeddings = SampledEmbeddings(
+            positive=arr(e["positive"]),
+            simple=arr(e["simple"]),
+            hard=arr(e["hard"]),
+            virtual_simple=arr(e["virtual_simple"]),
+            simple_weights=arr(e["simple_weights"]),
+            virtual_hard=arr(e["virtual_hard"]),
+            eta=float(e["eta"]),
+            hard_lambda=float(e["hard_lambda"]),
+        )
+    return SampleResponse(
+        codebook_version=body["codebook_version"],
+        sampler=str(body["sampler"]).upper().removeprefix("SAMPLER_KIND_").lower(),
+        positive_primary=arr(body["positive_primary"]),
+        positive_secondary=arr(body["positive_secondary"]),
+        simple_ids=arr(body["simple_ids"]),
+        simple_clusters=arr(body["simple_clusters"]),
+        simple_log_q=arr(body["simple_log_q"]),
+        hard_ids=arr(body["hard_ids"]),
+        hard_counts=arr(body["hard_counts"]),
+        hard_log_q=arr(body["hard_log_q"]),
+        embeddings=embeddings,
+    )
