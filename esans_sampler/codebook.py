@@ -142,8 +142,10 @@ class Codebook:
 
     def _assign_chunk(self, embedded: list[FloatArray]) -> tuple[CodeArray, CodeArray]:
         r_p = np.mean(np.stack(embedded), axis=0)  # eq. 5
-        primary = nearest_codeword(r_p, self.primary_codewords)  # eq. 6
+        primary = nearest_codeword(
+            r_p, self.primary_codewords
+        )  # nearest primary codeword (text after eq. 5)
         z_p = self.primary_codewords[primary]
-        r_s = np.concatenate([m - z_p for m in embedded], axis=1)  # residuals, concatenated
-        secondary = nearest_codeword(r_s, self.secondary_codewords)  # eq. 7
+        r_s = np.concatenate([m - z_p for m in embedded], axis=1)  # eq. 6: residuals, concatenated
+        secondary = nearest_codeword(r_s, self.secondary_codewords)  # nearest secondary codeword
         return primary, secondary

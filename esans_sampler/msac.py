@@ -7,7 +7,7 @@ one item together (eq. 4); the mean of the views is quantised by the primary cod
 L_SQ (eq. 7) is added to the weighted alignment losses (eq. 8) and everything is trained
 jointly with mini-batch Adam.
 
-Deviations from the paper, all documented in the README:
+Deviations from the paper (equation numbers below are the paper's):
 
 * M_m is L2-normalised before quantisation (see ``codebook.py``): the alignment loss is
   scale-free, so otherwise L_SQ is minimised by shrinking the maps.
@@ -19,7 +19,11 @@ Deviations from the paper, all documented in the README:
   recent batch inputs (not after the last epoch, so the returned codebook is a trained one).
 
 The catalogue is streamed: mini-batches are contiguous row ranges read one at a time, in a
-shuffled order each epoch, so memory-mapped features larger than RAM work.
+shuffled order each epoch, so memory-mapped features larger than RAM work. Rows inside a
+batch are catalogue neighbours, so a catalogue sorted by category gets harder in-batch
+negatives; shuffle such a catalogue's rows once before the build. The k-means
+initialisation reads ``kmeans_init_items`` rows in contiguous blocks spread evenly over the
+catalogue, so it sees every part of a sorted one.
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ _RESEED_NOISE = 0.01
 _RESEED_BATCHES = 2
 
 
+def _is_real(value: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class FeatureMatrix(Protocol):
     """A 2-D (N, D_m) matrix that can be sliced by rows: ndarray, np.memmap, h5py dataset."""
 
@@ -73,9 +82,10 @@ class MSACConfig:
         "negatives", which in a clustered catalogue are often items of the same cluster.
     epochs: passes over the catalogue; 3 keeps a 100k-item, 3-modality build on 2 CPU
         threads well inside two minutes (see benchmarks/bench_build.py).
-    kmeans_init_items: the first this many items seed the k-means initialisation.
-    kmeans_restarts: k-means seedings per codebook; the lowest-inertia run is kept. One bad
-        seeding (two codewords in one cluster, none in another) is rarely repaired later.
+    kmeans_init_items: this many items, in blocks spread over the catalogue, seed k-means.
+    kmeans_restarts: k-means++ seedings per codebook; the one with the lowest potential is
+        refined by Lloyd. A bad seeding (two codewords in one cluster, none in another) is
+        rarely repaired later, neither by Lloyd nor by the joint training.
     reseed_min_count: with ``reseed_dead``, codewords assigned fewer items than this over
         an epoch are re-seeded (1 = only unused ones).
     num_threads: torch intra-op threads during the build (None = leave torch's setting).
@@ -114,13 +124,13 @@ class MSACConfig:
         for name, value in {"kmeans_iters": self.kmeans_iters, "seed": self.seed}.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
-        if not (math.isfinite(self.beta) and self.beta >= 0.0):
+        if not (_is_real(self.beta) and self.beta >= 0.0):
             raise InvalidInputError(f"beta must be finite and >= 0, got {self.beta!r}")
         for name, fvalue in {
             "alignment_temperature": self.alignment_temperature,
             "learning_rate": self.learning_rate,
         }.items():
-            if not (math.isfinite(fvalue) and fvalue > 0.0):
+            if not (_is_real(fvalue) and fvalue > 0.0):
                 raise InvalidInputError(f"{name} must be finite and > 0, got {fvalue!r}")
         if self.num_threads is not None and (
             isinstance(self.num_threads, bool)
@@ -181,7 +191,8 @@ class MSACOutput:
     """One forward pass over a batch of B items.
 
     Scalars: alignment_loss, primary_error, secondary_error, sq_loss, total_loss.
-    primary, secondary: (B,) int64 codes. embedded: M (B, d_m) L2-normalised embeddings.
+    primary, secondary: (B,) int64 codes. embedded: the M L2-normalised embeddings M_m,
+    each (B, d_m).
     """
 
     alignment_loss: torch.Tensor
@@ -362,9 +373,11 @@ def _init_codebooks(
     num_items: int,
     generator: torch.Generator,
 ) -> None:
-    """k-means on the first items' initial embeddings: primary on R_p, secondary on R_s."""
+    """k-means on a spread sample of the items' initial embeddings: primary on R_p,
+    secondary on R_s."""
     config = model.config
     n_init = min(num_items, max(config.kmeans_init_items, config.num_primary))
+    blocks = _init_blocks(num_items, n_init, config.batch_size)
     d = config.embedding_dim
     num_modalities = model.num_modalities
     with torch.no_grad():
@@ -372,11 +385,13 @@ def _init_codebooks(
         # primary k-means, becomes R_s in place; R_p is accumulated alongside.
         r_s = torch.empty(n_init, num_modalities * d)
         r_p = torch.zeros(n_init, d)
-        for start in range(0, n_init, config.batch_size):
-            stop = min(start + config.batch_size, n_init)
+        filled = 0
+        for start, stop in blocks:
+            rows = slice(filled, filled + stop - start)
             for m, emb in enumerate(model.embed(_read_batch(names, mats, start, stop))):
-                r_s[start:stop, m * d : (m + 1) * d] = emb
-                r_p[start:stop] += emb
+                r_s[rows, m * d : (m + 1) * d] = emb
+                r_p[rows] += emb
+            filled += stop - start
         r_p /= num_modalities  # eq. 5
         z_p, primary = kmeans(
             r_p,
@@ -399,6 +414,23 @@ def _init_codebooks(
             num_restarts=config.kmeans_restarts,
         )
         model.secondary_codewords.copy_(z_s)
+
+
+def _init_blocks(num_items: int, n_init: int, block_rows: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges, ``n_init`` rows in all, spread evenly over the catalogue.
+
+    Contiguous so a memory-mapped file is read sequentially; spread so a catalogue sorted by
+    category still seeds k-means with every part of it, not just its first rows.
+    """
+    num_blocks = -(-n_init // block_rows)
+    stride = num_items // num_blocks
+    if stride < block_rows:
+        return [(start, min(start + block_rows, n_init)) for start in range(0, n_init, block_rows)]
+    blocks = []
+    for k in range(num_blocks):
+        size = min(block_rows, n_init - k * block_rows)
+        blocks.append((k * stride, k * stride + size))
+    return blocks
 
 
 def reseed_codewords(
