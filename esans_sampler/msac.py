@@ -416,20 +416,25 @@ def _init_codebooks(
         model.secondary_codewords.copy_(z_s)
 
 
+_MIN_INIT_BLOCKS = 16
+
+
 def _init_blocks(num_items: int, n_init: int, block_rows: int) -> list[tuple[int, int]]:
     """Contiguous row ranges, ``n_init`` rows in all, spread evenly over the catalogue.
 
     Contiguous so a memory-mapped file is read sequentially; spread so a catalogue sorted by
     category still seeds k-means with every part of it, not just its first rows.
     """
-    num_blocks = -(-n_init // block_rows)
+    num_blocks = max(-(-n_init // block_rows), min(_MIN_INIT_BLOCKS, n_init))
+    rows_per_block = -(-n_init // num_blocks)
     stride = num_items // num_blocks
-    if stride < block_rows:
+    if stride < rows_per_block:
         return [(start, min(start + block_rows, n_init)) for start in range(0, n_init, block_rows)]
     blocks = []
     for k in range(num_blocks):
-        size = min(block_rows, n_init - k * block_rows)
-        blocks.append((k * stride, k * stride + size))
+        size = min(rows_per_block, n_init - k * rows_per_block)
+        if size > 0:
+            blocks.append((k * stride, k * stride + size))
     return blocks
 
 
