@@ -1,8 +1,9 @@
 """Vectorised k-means in torch, used to initialise the MSAC codebooks.
 
 Pure function of its inputs: the random generator is passed in, nothing global is touched.
-Initialisation is k-means++ (or a random subset); a cluster that ends an iteration empty is
-moved onto the point that is currently worst served (farthest from its own centroid).
+Seeding is greedy k-means++ (or a random subset), optionally the best of several seedings;
+a cluster that ends a Lloyd iteration empty is moved onto a point that is currently worst
+served (farthest from its own centroid).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ _DISTANCE_BLOCK_ELEMENTS = 1 << 24
 
 def squared_norms(x: torch.Tensor) -> torch.Tensor:
     """``||x_i||^2`` (n,) of the rows of ``x`` (n, d), without an (n, d) temporary."""
-    return torch.linalg.vector_norm(x, dim=1).square_()
+    norms: torch.Tensor = torch.linalg.vector_norm(x, dim=1)
+    return norms.square_()
 
 
 def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

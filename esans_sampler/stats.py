@@ -31,8 +31,10 @@ def usage_perplexity(counts: npt.ArrayLike) -> float:
 class CodebookStats:
     """Utilisation of the primary and secondary codebooks over a catalogue.
 
-    ``cluster_size_bin_edges`` (B + 1,) and ``cluster_size_counts`` (B,) are a histogram of
-    the sizes of all K_p primary clusters, empty ones included.
+    ``cluster_size_*`` describe the sizes (items) of the K_p primary clusters, empty ones
+    included: ``cluster_size_bin_edges`` (B + 1,) and ``cluster_size_counts`` (B,) are their
+    histogram; ``empty_clusters`` counts primary clusters with no item. Perplexities are
+    ``exp(entropy)`` of the code usage; ``fine_*`` refer to the (primary, secondary) cells.
     """
 
     num_items: int
