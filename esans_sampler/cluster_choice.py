@@ -13,7 +13,7 @@ rows of weights into Walker/Vose alias tables so that each draw costs O(1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +27,7 @@ IntArray = npt.NDArray[np.int64]
 # large but finite weight d ** -gamma.
 MIN_CLUSTER_DISTANCE = 1e-3
 _NORM_EPS = 1e-12
+_RECORD = np.dtype((np.void, 16))
 
 
 def validate_gamma(gamma: float) -> float:
@@ -110,6 +111,14 @@ class AliasTable:
     prob: FloatArray
     alias: IntArray
     valid: npt.NDArray[np.bool_]
+    # (prob, alias) of each flat cell side by side, so a draw reads one 16-byte record.
+    _records: npt.NDArray[np.void] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        pairs = np.empty((self.prob.size, 2), dtype=np.float64)
+        pairs[:, 0] = self.prob.ravel()
+        pairs[:, 1] = self.alias.ravel().view(np.float64)  # raw bits, read back as int64
+        object.__setattr__(self, "_records", pairs.view(_RECORD).ravel())
 
     @classmethod
     def build(cls, weights: npt.ArrayLike) -> AliasTable:
@@ -164,23 +173,28 @@ class AliasTable:
         """``size`` independent outcomes from one row: (size,) int64."""
         if not 0 <= row < self.num_rows or not self.valid[row]:
             raise InvalidInputError(f"row {row} is out of range or has no positive weight")
-        k = self.num_outcomes
-        u = rng.random(size) * k
-        col = np.minimum(u.astype(np.int64), k - 1)
-        keep = (u - col) < self.prob[row, col]
-        drawn: IntArray = np.where(keep, col, self.alias[row, col])
-        return drawn
+        return self.draw_flat(np.full(size, row * self.num_outcomes, dtype=np.int64), rng)
 
     def draw_unchecked(self, rows: IntArray, rng: np.random.Generator) -> IntArray:
         """:meth:`draw` without validation, for callers whose rows are valid by construction."""
+        return self.draw_flat(rows * self.num_outcomes, rng)
+
+    def draw_flat(self, row_starts: IntArray, rng: np.random.Generator) -> IntArray:
+        """Unchecked draws given ``row_starts`` = rows * K: (n,) int64 -> (n,) int64 outcomes.
+
+        For hot paths that need ``rows * K`` themselves (e.g. to look up per-pair tables).
+        """
         k = self.num_outcomes
-        u = rng.random(int(rows.shape[0])) * k
-        col = np.minimum(u.astype(np.int64), k - 1)
-        flat = rows * k + col
+        u = rng.random(int(row_starts.shape[0]))
+        u *= k
+        # floor(u * k) < k for every double u < 1 and integer k < 2**53: no clamp needed.
+        col = u.astype(np.int64)
+        records = self._records[row_starts + col].view(np.float64).reshape(-1, 2)
         # One uniform serves both choices: its integer part picks the column, the fraction
         # decides between the column and its alias.
-        keep = (u - col) < self.prob.ravel()[flat]
-        drawn: IntArray = np.where(keep, col, self.alias.ravel()[flat])
+        u -= col
+        keep = u < records[:, 0]
+        drawn: IntArray = np.where(keep, col, records.view(np.int64)[:, 1])
         return drawn
 
 

@@ -16,6 +16,7 @@ Every draw is exact: ``log q`` is the log-probability that this slot holds this 
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,9 +36,10 @@ FloatArray = npt.NDArray[np.float64]
 
 # Rejection rounds of the hard draw before the remaining rows go to Floyd's algorithm.
 _HARD_REJECTION_ROUNDS = 3
-# Up to this many hard slots, repeats are found by comparing column pairs; beyond, by sorting.
-_PAIRWISE_REPEAT_CHECK_MAX = 8
+# Up to this many hard slots, repeats are found by comparing all slot pairs; beyond, by sorting.
+_PAIRWISE_REPEAT_CHECK_MAX = 16
 _CHOICE_CACHE_SIZE = 8
+_RECORD = np.dtype((np.void, 16))
 _ROW_SUM_TOLERANCE = 1e-6
 
 
@@ -136,11 +138,14 @@ def empty_hard_part(batch: int, m_h: int) -> tuple[IdArray, IdArray, CodeArray, 
 
 @dataclass(frozen=True, eq=False)
 class _ChoiceTables:
-    """A cluster-choice matrix with its alias tables and log-probabilities (flat)."""
+    """A cluster-choice matrix, its alias tables and the simple-slot log q of each (p, c).
+
+    simple_log_q_flat[p * K_p + c] = log P(c | p) - log |c|, float32.
+    """
 
     matrix: FloatArray
     table: AliasTable
-    log_p_flat: FloatArray
+    simple_log_q_flat: LogQArray
 
 
 class EsansSampler:
@@ -149,7 +154,10 @@ class EsansSampler:
     primary_codewords: (K_p, d) primary codebook. ``gamma`` is the default sharpness of the
     cluster choice (eq. 9); ``cluster_choice`` may pass its (K_p, K_p) matrix precomputed
     (for example from a codebook artifact). Other gammas are computed on demand and the last
-    few kept. Thread-safe: the only shared mutable state is the lock-guarded cache.
+    few kept. Safe to share between threads (the only mutable state is a lock-guarded cache)
+    as long as each thread passes its own Generator. Besides the index it holds about 20
+    bytes per item: each CSR position's (row, id) side by side, so a drawn item costs one
+    memory read, and the fine cell of each catalogue row.
     """
 
     name = "esans"
@@ -177,7 +185,14 @@ class EsansSampler:
         self.gamma = validate_gamma(gamma)
         self._codewords = codewords
         self._num_primary = index.num_primary
-        # Per-cluster and per-fine-cell lookup tables for the hot path.
+        # Lookup tables for the hot path: the fine cell of every catalogue row, the (row, id)
+        # of every CSR position side by side (one memory read per drawn item), and per-cluster
+        # and per-fine-cell sizes and offsets.
+        self._fine_of_row = (
+            index.primary.astype(np.int64) * index.num_secondary + index.secondary
+        ).astype(np.int32 if index.num_primary * index.num_secondary < 2**31 else np.int64)
+        records = np.stack((index.ordered_rows, index.ordered_ids), axis=1)
+        self._ordered_records = records.view(_RECORD).ravel()
         self._cluster_size = sizes.astype(np.float64)
         self._log_cluster_size = np.log(np.maximum(sizes, 1)).astype(np.float64)
         cell_start = index.fine_offsets[:-1]
@@ -218,33 +233,32 @@ class EsansSampler:
         ids = as_positive_ids(positive_ids)
         index = self.index
         rows = index.rows_of(ids)
-        primary = index.primary[rows]
-        secondary = index.secondary[rows]
+        fine = self._fine_of_row[rows].astype(np.int64)
+        primary64 = fine // index.num_secondary
+        secondary = (fine - primary64 * index.num_secondary).astype(np.int32)
         batch = ids.shape[0]
 
         # Simple negatives. Clusters: m_c alias draws from row p of P (eq. 9).
-        primary64 = primary.astype(np.int64)
-        rows_for_draw = np.repeat(primary64, m_c)
-        clusters = choice.table.draw_unchecked(rows_for_draw, rng)
+        row_starts = np.repeat(primary64 * self._num_primary, m_c)
+        clusters = choice.table.draw_flat(row_starts, rng)
         # Items: m_o uniform draws inside each drawn cluster (eq. 10), via its CSR range.
         # floor(u * n) < n for every double u < 1 and integer n < 2**53: no clamp needed.
         u = rng.random((batch * m_c, m_o))
         u *= self._cluster_size[clusters][:, None]
         position = u.astype(np.int64)
         position += index.cluster_offsets[clusters][:, None]
-        simple_rows = index.ordered_rows[position].reshape(batch, m_c, m_o)
-        simple_ids = index.ordered_ids[position].reshape(batch, m_c, m_o)
+        simple_rows, simple_ids = self._rows_and_ids(position)
+        simple_rows = simple_rows.reshape(batch, m_c, m_o)
+        simple_ids = simple_ids.reshape(batch, m_c, m_o)
         # q = P(c | p) / |c|, the same for the m_o slots of a drawn cluster.
-        log_q = choice.log_p_flat[rows_for_draw * self._num_primary + clusters]
-        log_q -= self._log_cluster_size[clusters]
-        simple_log_q = np.empty((batch, m_c, m_o), dtype=np.float32)
-        simple_log_q[...] = log_q.reshape(batch, m_c, 1)
+        slot_log_q = choice.simple_log_q_flat[row_starts + clusters]
+        simple_log_q = np.repeat(slot_log_q, m_o).reshape(batch, m_c, m_o)
 
-        hard_ids, hard_rows, hard_counts, hard_log_q = self._hard(primary64, secondary, m_h, rng)
+        hard_ids, hard_rows, hard_counts, hard_log_q = self._hard(fine, m_h, rng)
         return NegativeSample(
             positive_ids=ids,
             positive_rows=rows,
-            positive_primary=primary,
+            positive_primary=primary64.astype(np.int32),
             positive_secondary=secondary,
             simple_ids=simple_ids,
             simple_rows=simple_rows,
@@ -257,38 +271,39 @@ class EsansSampler:
             sampler=self.name,
         )
 
+    def _rows_and_ids(self, position: IdArray) -> tuple[IdArray, IdArray]:
+        """Catalogue rows and ids at CSR positions (any shape), read as one record each."""
+        records = self._ordered_records[position].view(np.int64)
+        pairs = records.reshape(*position.shape, 2)
+        return pairs[..., 0].copy(), pairs[..., 1].copy()
+
     def _hard(
-        self, primary: IdArray, secondary: CodeArray, m_h: int, rng: np.random.Generator
+        self, fine: IdArray, m_h: int, rng: np.random.Generator
     ) -> tuple[IdArray, IdArray, CodeArray, LogQArray]:
         """Uniform draws without replacement from cluster p minus fine cell (p, s).
 
         Cluster p is one CSR range and fine cell (p, s) a sub-range of it, so the candidates
         are the two ranges around the cell: A = |p| - |(p, s)| of them.
         """
-        batch = primary.shape[0]
+        batch = fine.shape[0]
         if m_h == 0 or batch == 0:
             return empty_hard_part(batch, m_h)
-        fine = primary * self.index.num_secondary + secondary
         available = self._hard_available[fine]
-        picks, counts = draw_distinct(available, m_h, rng)
+        # Work slot-major, (m_h, B), so that per-row values broadcast along contiguous rows.
+        picks, counts = _draw_distinct_slot_major(available, m_h, rng)
         # Candidate k sits at cluster start + k, shifted past the fine cell once k reaches it.
-        position = picks + self._cluster_start_of_fine[fine][:, None]
-        position += np.where(
-            picks >= self._cell_offset_in_cluster[fine][:, None],
-            self._cell_size[fine][:, None],
-            0,
-        )
+        position = picks + self._cluster_start_of_fine[fine]
+        position += np.where(picks >= self._cell_offset_in_cluster[fine], self._cell_size[fine], 0)
         per_row_log_q = self._hard_log_q[fine]
         if counts.min() == m_h:  # every row full: no padding to apply
-            hard_rows = self.index.ordered_rows[position]
-            hard_ids = self.index.ordered_ids[position]
-            hard_log_q = np.repeat(per_row_log_q[:, None], m_h, axis=1)
+            hard_rows, hard_ids = self._rows_and_ids(np.ascontiguousarray(position.T))
+            hard_log_q = np.repeat(per_row_log_q, m_h).reshape(batch, m_h)
             return hard_ids, hard_rows, counts.astype(np.int32), hard_log_q
-        filled = np.arange(m_h) < counts[:, None]
-        position = np.where(filled, position, 0)
-        hard_rows = np.where(filled, self.index.ordered_rows[position], -1)
-        hard_ids = np.where(filled, self.index.ordered_ids[position], -1)
-        hard_log_q = np.where(filled, per_row_log_q[:, None], np.float32(-np.inf))
+        filled = np.arange(m_h)[:, None] < counts
+        slot_rows, slot_ids = self._rows_and_ids(np.where(filled, position, 0))
+        hard_rows = np.where(filled, slot_rows, -1).T.copy()
+        hard_ids = np.where(filled, slot_ids, -1).T.copy()
+        hard_log_q = np.where(filled, per_row_log_q, np.float32(-np.inf)).T.copy()
         return hard_ids, hard_rows, counts.astype(np.int32), hard_log_q
 
     def _choice(self, gamma: float | None) -> _ChoiceTables:
@@ -315,8 +330,10 @@ class EsansSampler:
     def _tables(self, matrix: FloatArray) -> _ChoiceTables:
         with np.errstate(divide="ignore"):
             log_p = np.log(matrix)
+        # log q of a simple slot holding an item of cluster c for a positive in p (eq. 9-10).
+        slot_log_q = (log_p - self._log_cluster_size[None, :]).astype(np.float32)
         return _ChoiceTables(
-            matrix=matrix, table=AliasTable.build(matrix), log_p_flat=log_p.ravel().copy()
+            matrix=matrix, table=AliasTable.build(matrix), simple_log_q_flat=slot_log_q.ravel()
         )
 
     def _checked_matrix(self, cluster_choice: npt.ArrayLike) -> FloatArray:
@@ -350,6 +367,14 @@ def draw_distinct(available: IdArray, m: int, rng: np.random.Generator) -> tuple
     rows with A <= m, use Floyd's algorithm followed by a random shuffle, which has the same
     law. With A much larger than m nearly every row is accepted at once.
     """
+    picks, counts = _draw_distinct_slot_major(available, m, rng)
+    return np.ascontiguousarray(picks.T), counts
+
+
+def _draw_distinct_slot_major(
+    available: IdArray, m: int, rng: np.random.Generator
+) -> tuple[IdArray, IdArray]:
+    """:func:`draw_distinct` with picks laid out (m, B), slot-major."""
     counts = np.minimum(available, m)
     picks = _uniform_below(available, m, rng)
     redo = _has_repeat(picks)
@@ -365,34 +390,39 @@ def draw_distinct(available: IdArray, m: int, rng: np.random.Generator) -> tuple
             break
         draw = _uniform_below(available[pending], m, rng)
         clash = _has_repeat(draw)
-        picks[pending[~clash]] = draw[~clash]
+        picks[:, pending[~clash]] = draw[:, ~clash]
         pending = pending[clash]
     rest = np.concatenate((np.flatnonzero(small), pending)) if any_small else pending
     if rest.size:
-        picks[rest] = _floyd_shuffled(available[rest], m, rng)
+        picks[:, rest] = _floyd_shuffled(available[rest], m, rng).T
     return picks, counts
 
 
 def _uniform_below(bound: IdArray, m: int, rng: np.random.Generator) -> IdArray:
-    """(R, m) int64 independent uniform integers in [0, bound[r]) (0 where bound is 0)."""
-    u = rng.random((bound.shape[0], m))
-    u *= bound[:, None]
+    """(m, R) int64 independent uniform integers in [0, bound[r]) (0 where bound is 0)."""
+    u = rng.random((m, bound.shape[0]))
+    u *= bound
     # floor(u * n) < n for every double u < 1 and integer n < 2**53, so no clamp is needed.
     drawn: IdArray = u.astype(np.int64)
     return drawn
 
 
+@functools.lru_cache(maxsize=_PAIRWISE_REPEAT_CHECK_MAX + 1)
+def _slot_pairs(m: int) -> tuple[IdArray, IdArray]:
+    """Every pair of slots (i < j) of m slots, as two index arrays."""
+    first, second = np.triu_indices(m, k=1)
+    return first.astype(np.int64), second.astype(np.int64)
+
+
 def _has_repeat(values: IdArray) -> npt.NDArray[np.bool_]:
-    """(R,) bool: whether row r of values (R, m) holds some value twice."""
-    rows, m = values.shape
+    """(R,) bool: whether column r of values (m, R) holds some value twice."""
+    m = values.shape[0]
     if m <= _PAIRWISE_REPEAT_CHECK_MAX:
-        repeat = np.zeros(rows, dtype=bool)
-        for i in range(m):
-            for j in range(i + 1, m):
-                repeat |= values[:, i] == values[:, j]
+        first, second = _slot_pairs(m)
+        repeat: npt.NDArray[np.bool_] = (values[first] == values[second]).any(axis=0)
         return repeat
-    ordered = np.sort(values, axis=1)
-    found: npt.NDArray[np.bool_] = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+    ordered = np.sort(values, axis=0)
+    found: npt.NDArray[np.bool_] = (ordered[1:] == ordered[:-1]).any(axis=0)
     return found
 
 

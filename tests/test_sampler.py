@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -293,3 +295,21 @@ def test_precomputed_matrix_is_used_and_checked() -> None:
         EsansSampler(index, codewords, cluster_choice=matrix * 0.5)
     with pytest.raises(InvalidInputError, match=r"\(4, 4\)"):
         EsansSampler(index, codewords, cluster_choice=matrix[:3])
+
+
+def test_sampling_modules_do_not_import_torch() -> None:
+    code = (
+        "import sys, esans_sampler.sampler, esans_sampler.baselines, "
+        "esans_sampler.cluster_choice; sys.exit('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_draw_distinct_with_many_slots_checks_repeats_by_sorting() -> None:
+    available = np.array([100, 25, 20, 7], dtype=np.int64)
+    picks, counts = draw_distinct(available, 20, np.random.default_rng(1))
+    assert counts.tolist() == [20, 20, 20, 7]
+    for row, count in zip(picks, counts, strict=True):
+        assert np.unique(row[:count]).size == count
+    assert sorted(picks[2].tolist()) == list(range(20))
+    assert np.all(picks[0] < 100) and np.all(picks[1] < 25)
