@@ -7,6 +7,7 @@ Redis or on disk):
 ``index.npz``           item ids, codes and the CSR arrays of :class:`ClusterIndex`;
 ``cluster_choice.npy``  (K_p, K_p) float64 cluster-choice distribution (sec. 3.3.3);
 ``embeddings.npy``      optional (N, d) float32 item-embedding snapshot for EDIS;
+``popularity.npy``      optional (N,) float64 interaction counts, for the PNS baseline;
 ``manifest.json``       format, per-file sha256 and size, metadata and the version.
 
 Only ``.npy``/``.npz`` (loaded with ``allow_pickle=False``) and JSON are used. The data
@@ -44,8 +45,9 @@ CODEBOOK_FILE = "codebook.npz"
 INDEX_FILE = "index.npz"
 CLUSTER_CHOICE_FILE = "cluster_choice.npy"
 EMBEDDINGS_FILE = "embeddings.npy"
+POPULARITY_FILE = "popularity.npy"
 REQUIRED_FILES = (CODEBOOK_FILE, INDEX_FILE, CLUSTER_CHOICE_FILE)
-DATA_FILES = (*REQUIRED_FILES, EMBEDDINGS_FILE)
+DATA_FILES = (*REQUIRED_FILES, EMBEDDINGS_FILE, POPULARITY_FILE)
 SHORT_VERSION_CHARS = 16
 
 _ROW_SUM_ATOL = 1e-6
@@ -66,6 +68,8 @@ class CodebookArtifact:
     index: catalogue layout by (primary, secondary); same K_p and K_s as the codebook.
     cluster_choice: (K_p, K_p) float64, each row a distribution (sums to 1) or all zeros.
     embeddings: (N, d) float32 item embeddings in catalogue row order, or None.
+    popularity: (N,) float64 non-negative interaction counts in catalogue row order (the
+    popularity baseline draws by them), or None.
     metadata: JSON-serialisable dict (build parameters, stats, input checksums, ...);
     numpy scalars and arrays are accepted and stored as JSON numbers and lists.
     """
@@ -75,6 +79,7 @@ class CodebookArtifact:
     cluster_choice: npt.NDArray[np.float64]
     embeddings: npt.NDArray[np.float32] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    popularity: npt.NDArray[np.float64] | None = None
     _digest: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +92,8 @@ class CodebookArtifact:
         _check_cluster_choice(self.cluster_choice, cb.num_primary)
         if self.embeddings is not None:
             _check_embeddings(self.embeddings, index.num_items)
+        if self.popularity is not None:
+            _check_popularity(self.popularity, index.num_items)
         if not isinstance(self.metadata, dict):
             raise ArtifactError(f"metadata must be a dict, got {type(self.metadata).__name__}")
         _metadata_json(self.metadata)
@@ -136,6 +143,17 @@ def _check_cluster_choice(choice: npt.NDArray[Any], num_primary: int) -> None:
             f"{src}: every cluster-choice row must sum to 1 (or be all zero); row {row} sums "
             f"to {sums[row]:.9g}"
         )
+
+
+def _check_popularity(popularity: npt.NDArray[Any], num_items: int) -> None:
+    src = POPULARITY_FILE
+    if not isinstance(popularity, np.ndarray) or popularity.shape != (num_items,):
+        shape = getattr(popularity, "shape", None)
+        raise ArtifactError(f"{src}: popularity must be ({num_items},), got shape {shape}")
+    if popularity.dtype != np.float64:
+        raise ArtifactError(f"{src}: popularity must be float64, got dtype {popularity.dtype}")
+    if not np.isfinite(popularity).all() or (popularity < 0).any():
+        raise ArtifactError(f"{src}: popularity counts must be finite and >= 0")
 
 
 def _check_embeddings(embeddings: npt.NDArray[Any], num_items: int) -> None:
@@ -221,6 +239,8 @@ def _data_files(artifact: CodebookArtifact) -> dict[str, bytes]:
     }
     if artifact.embeddings is not None:
         files[EMBEDDINGS_FILE] = _npy_bytes(artifact.embeddings, _F32)
+    if artifact.popularity is not None:
+        files[POPULARITY_FILE] = _npy_bytes(artifact.popularity, _F64)
     return files
 
 
@@ -267,6 +287,7 @@ def artifact_to_files(artifact: CodebookArtifact) -> dict[str, bytes]:
             "num_primary": cb.num_primary,
             "num_secondary": cb.num_secondary,
             "snapshot_dim": None if artifact.embeddings is None else artifact.embeddings.shape[1],
+            "has_popularity": artifact.popularity is not None,
         },
         # Insertion order is kept (not sorted): metadata dicts such as modality widths are
         # ordered. The manifest is not hashed into the version, so this costs nothing.
@@ -450,12 +471,22 @@ def artifact_from_files(files: Mapping[str, bytes], verify: bool = True) -> Code
             "f",
             2,
         )
+    popularity = None
+    if POPULARITY_FILE in entries:
+        popularity = _typed(
+            POPULARITY_FILE,
+            "popularity",
+            _load_npy(POPULARITY_FILE, files[POPULARITY_FILE]),
+            "f",
+            1,
+        )
     artifact = CodebookArtifact(
         codebook=codebook,
         index=index,
         cluster_choice=choice,
         embeddings=embeddings,
         metadata=manifest["metadata"],
+        popularity=popularity,
     )
     artifact._digest.append(manifest["version"])
     return artifact

@@ -57,11 +57,29 @@ def load_embedding_snapshot(path: str, num_items: int) -> npt.NDArray[np.float32
     return snapshot
 
 
+def load_popularity(path: str, num_items: int) -> npt.NDArray[np.float64]:
+    """User-supplied (N,) interaction counts in catalogue row order, for the PNS baseline."""
+    try:
+        counts = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CatalogueError(f"{path}: cannot read popularity counts: {exc}") from exc
+    if counts.shape != (num_items,) or counts.dtype.kind not in "iuf":
+        raise CatalogueError(
+            f"{path}: popularity counts have shape {counts.shape} and dtype {counts.dtype}, "
+            f"expected ({num_items},) numbers in the same row order as the ids file"
+        )
+    popularity: npt.NDArray[np.float64] = counts.astype(np.float64)
+    if not np.isfinite(popularity).all() or (popularity < 0).any():
+        raise CatalogueError(f"{path}: popularity counts must be finite and >= 0")
+    return popularity
+
+
 def build_artifact(
     catalogue: Catalogue,
     config: MSACConfig,
     gamma: float = 1.0,
     embeddings: npt.NDArray[np.float32] | str | None = None,
+    popularity: npt.NDArray[np.float64] | None = None,
     input_checksums: dict[str, str] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     show_progress_bar: bool = False,
@@ -69,7 +87,8 @@ def build_artifact(
     """Train MSAC on ``catalogue`` and package everything a sampler replica needs.
 
     ``embeddings``: None for no snapshot, ``"msac"`` for :func:`msac_embeddings`, or an
-    (N, d) array of the trainer's item-tower outputs in catalogue row order.
+    (N, d) array of the trainer's item-tower outputs in catalogue row order. ``popularity``:
+    optional (N,) interaction counts, stored for the popularity (PNS) baseline.
     """
     result = train_msac(
         catalogue.modalities, config, progress=on_epoch, show_progress_bar=show_progress_bar
@@ -112,4 +131,5 @@ def build_artifact(
         cluster_choice=choice,
         embeddings=snapshot,
         metadata=metadata,
+        popularity=popularity,
     )

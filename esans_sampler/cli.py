@@ -57,6 +57,9 @@ def _add_build_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="store the MSAC mean aligned embedding as the EDIS snapshot (without --embeddings)",
     )
+    src.add_argument(
+        "--popularity", help="optional (N,) interaction counts .npy, for the popularity baseline"
+    )
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
     hp = p.add_argument_group("MSAC parameters (defaults: paper, Table 6)")
@@ -77,7 +80,7 @@ def _add_build_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from esans_sampler.artifact import save_artifact
-    from esans_sampler.build import build_artifact, load_embedding_snapshot
+    from esans_sampler.build import build_artifact, load_embedding_snapshot, load_popularity
     from esans_sampler.catalogue import file_sha256, load_npy_catalogue, load_parquet_catalogue
     from esans_sampler.msac import MSACConfig
 
@@ -115,6 +118,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         embeddings = load_embedding_snapshot(args.embeddings, catalogue.num_items)
     elif args.msac_embeddings:
         embeddings = "msac"
+    popularity = None
+    if args.popularity:
+        popularity = load_popularity(args.popularity, catalogue.num_items)
+        inputs.append(args.popularity)
     started = time.perf_counter()
     checksums = {path: file_sha256(path) for path in inputs}
     artifact = build_artifact(
@@ -122,6 +129,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         config,
         gamma=args.gamma,
         embeddings=embeddings,
+        popularity=popularity,
         input_checksums=checksums,
         show_progress_bar=not args.quiet,
     )
@@ -275,8 +283,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     paths = write_npy_catalogue(out / "catalogue", planted.item_ids, planted.features)
     catalogue = load_npy_catalogue(paths["ids"], {k: v for k, v in paths.items() if k != "ids"})
     config = MSACConfig(embedding_dim=64, num_primary=48, num_secondary=6, epochs=3, seed=args.seed)
+    # Zipf-like interaction counts, so the popularity baseline has something to draw by.
+    ranks = np.random.default_rng(args.seed).permutation(args.items) + 1
+    popularity = np.floor(10_000.0 / ranks).astype(np.float64)
     artifact = build_artifact(
-        catalogue, config, embeddings="msac", show_progress_bar=not args.quiet
+        catalogue,
+        config,
+        embeddings="msac",
+        popularity=popularity,
+        show_progress_bar=not args.quiet,
     )
     version = save_artifact(artifact, artifact_dir, overwrite=True)
     print(_summary(artifact.metadata, artifact.cluster_choice))

@@ -354,8 +354,8 @@ def _sampler_of(codebook: LoadedCodebook, kind: str) -> NegativeSampler:
         if codebook.popularity is None:
             raise FailedPreconditionError(
                 f"codebook {codebook.version} has no item popularity counts, so the popularity "
-                "sampler is unavailable; choose another sampler or publish a codebook whose "
-                "metadata carries 'popularity'"
+                "sampler is unavailable; choose another sampler or publish a codebook built "
+                "with `esans build --popularity COUNTS.npy`"
             )
         return codebook.popularity
     return codebook.esans

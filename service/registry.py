@@ -51,8 +51,8 @@ _WATCH_TICK_S = 0.2
 class LoadedCodebook:
     """A verified artifact with its samplers built, ready to serve requests.
 
-    popularity: the PNS baseline when the artifact's metadata carries per-item counts
-    under ``"popularity"`` (a list of N non-negative numbers in catalogue order), else None.
+    popularity: the PNS baseline when the artifact carries per-item counts
+    (``popularity.npy``, or a list under ``"popularity"`` in its metadata), else None.
     loaded_at: unix seconds.
     """
 
@@ -93,7 +93,9 @@ def load_codebook(artifact: CodebookArtifact) -> LoadedCodebook:
         cluster_choice=artifact.cluster_choice,
     )
     popularity = None
-    counts: Any = artifact.metadata.get(POPULARITY_METADATA_KEY)
+    counts: Any = artifact.popularity
+    if counts is None:  # artifacts of earlier builds carried the counts in their metadata
+        counts = artifact.metadata.get(POPULARITY_METADATA_KEY)
     if counts is not None:
         try:
             popularity = PopularitySampler(index, np.asarray(counts, dtype=np.float64))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -399,3 +400,17 @@ def test_disk_damage_is_refused(tmp_path: Path) -> None:
     (target / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
         load_artifact(target)
+
+
+def test_popularity_round_trips_and_is_checked(tmp_path: Path) -> None:
+    base = _artifact(seed=3)
+    counts = np.arange(base.num_items, dtype=np.float64)
+    save_artifact(dataclasses.replace(base, popularity=counts), tmp_path / "a")
+    loaded = load_artifact(tmp_path / "a", verify=True)
+    assert loaded.popularity is not None
+    np.testing.assert_array_equal(loaded.popularity, counts)
+    assert loaded.version != base.version
+    with pytest.raises(ArtifactError, match="popularity"):
+        dataclasses.replace(base, popularity=-counts - 1)
+    with pytest.raises(ArtifactError, match="popularity"):
+        dataclasses.replace(base, popularity=counts[:-1])

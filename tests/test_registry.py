@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -313,3 +314,10 @@ def test_bad_arguments(store: CodebookStore) -> None:
         CodebookRegistry(store, max_loaded=0)
     with pytest.raises(ValueError, match="poll_interval_s"):
         CodebookRegistry(store, poll_interval_s=0)
+
+
+def test_popularity_sampler_from_artifact_array(make_artifact: ArtifactFactory) -> None:
+    base = make_artifact(seed=2)
+    counts = np.linspace(1.0, 50.0, base.num_items)
+    loaded = load_codebook(dataclasses.replace(base, popularity=counts))
+    assert isinstance(loaded.popularity, PopularitySampler)

@@ -1,0 +1,99 @@
+"""The `esans` command line, run in-process through `main(argv)` on small real inputs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from esans_sampler.artifact import load_artifact
+from esans_sampler.catalogue import write_npy_catalogue
+from esans_sampler.cli import main
+from esans_sampler.synthetic import make_planted_catalogue
+
+SMALL = ["--kp", "6", "--ks", "3", "--dm", "16", "--epochs", "1", "--seed", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    planted = make_planted_catalogue(600, {"image": 24, "text": 12}, num_clusters=6, seed=3)
+    directory = tmp_path_factory.mktemp("catalogue")
+    paths = write_npy_catalogue(directory, planted.item_ids, planted.features)
+    np.save(directory / "counts.npy", np.arange(600, dtype=np.int64))
+    paths["counts"] = directory / "counts.npy"
+    return paths
+
+
+def _build_args(paths: dict[str, Path], out: Path) -> list[str]:
+    return [
+        "build",
+        "--ids", str(paths["ids"]),
+        "--modality", f"image={paths['image']}",
+        "--modality", f"text={paths['text']}",
+        "--out", str(out),
+    ]  # fmt: skip
+
+
+def test_build_then_inspect_writes_every_items_codes(
+    catalogue: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "artifact"
+    argv = [*_build_args(catalogue, out), *SMALL, "--popularity", str(catalogue["counts"])]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "L_SQ" in printed and "primary used" in printed and "wrote" in printed
+    artifact = load_artifact(out)
+    assert artifact.popularity is not None and artifact.num_items == 600
+    assert artifact.metadata["parameters"]["num_primary"] == 6
+    assert set(artifact.metadata["catalogue"]["sha256"]) == {
+        str(catalogue[k]) for k in ("ids", "image", "text", "counts")
+    }
+
+    codes = tmp_path / "codes.csv"
+    assert main(["inspect", str(out), "--codes", str(codes)]) == 0
+    assert "effective clusters" in capsys.readouterr().out
+    with codes.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 600
+    by_id = {int(r["item_id"]): (int(r["primary"]), int(r["secondary"])) for r in rows}
+    index = artifact.index
+    for item_id, p, s in zip(index.item_ids[:50], index.primary, index.secondary, strict=False):
+        assert by_id[int(item_id)] == (int(p), int(s))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["build", "--out", "x"], "no catalogue"),
+        (["build", "--ids", "missing.npy", "--modality", "a=missing.npy", "--out", "x"], "missing"),
+        (["build", "--parquet", "p.parquet", "--ids", "i.npy", "--out", "x"], "either --parquet"),
+        (["inspect", "does/not/exist"], "exist"),
+    ],
+)
+def test_usage_and_input_errors_exit_2_with_a_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err.lower()
+
+
+def test_build_refuses_counts_of_the_wrong_length(
+    catalogue: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "counts.npy"
+    np.save(bad, np.ones(5))
+    argv = [*_build_args(catalogue, tmp_path / "a"), *SMALL, "--popularity", str(bad)]
+    assert main(argv) == 2
+    assert "popularity counts have shape (5,)" in capsys.readouterr().err
+
+
+def test_build_refuses_to_overwrite_without_the_flag(
+    catalogue: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "artifact"
+    assert main([*_build_args(catalogue, out), *SMALL]) == 0
+    capsys.readouterr()
+    assert main([*_build_args(catalogue, out), *SMALL]) == 2
+    assert "overwrite" in capsys.readouterr().err
