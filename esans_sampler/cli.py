@@ -153,15 +153,22 @@ def _history_table(history: list[dict[str, Any]]) -> str:
         ("Ks used", "secondary_used", "{:d}"),
         ("Ks perpl.", "secondary_perplexity", "{:.1f}"),
         ("reseeded", "reseeded_primary", "{:d}"),
+        ("sizes min/p10/med/p90/max", "cluster_size_quantiles", "{}"),
         ("s", "seconds", "{:.1f}"),
     ]
     rows = [[title for title, _, _ in columns]]
     for epoch in history:
-        rows.append([fmt.format(epoch[key]) for _, key, fmt in columns])
+        rows.append([_cell(fmt, epoch.get(key)) for _, key, fmt in columns])
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     return "\n".join(
         "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
     )
+
+
+def _cell(fmt: str, value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "/".join(str(v) for v in value) or "-"
+    return "-" if value is None else fmt.format(value)
 
 
 def _summary(metadata: dict[str, Any], cluster_choice: np.ndarray[Any, Any]) -> str:

@@ -155,7 +155,8 @@ class EpochStats:
     sq_loss is L_SQ (both levels); quantisation_error is its primary part alone, the mean
     ``||R_p - z_p[c_p]||^2`` of the coarse clusters the sampler draws from. Usage counts and
     perplexities are of the codes assigned while training; ``reseeded_*`` are the codewords
-    re-seeded at the end of this epoch.
+    re-seeded at the end of this epoch. ``cluster_size_quantiles``: primary cluster sizes
+    (items assigned this epoch) at the 0/10/50/90/100th percentiles, a compact histogram.
     """
 
     epoch: int
@@ -170,6 +171,7 @@ class EpochStats:
     reseeded_primary: int
     reseeded_secondary: int
     seconds: float
+    cluster_size_quantiles: tuple[int, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -417,6 +419,13 @@ def _init_codebooks(
 
 
 _MIN_INIT_BLOCKS = 16
+CLUSTER_SIZE_QUANTILES = (0, 10, 50, 90, 100)
+
+
+def _size_quantiles(counts: torch.Tensor) -> tuple[int, ...]:
+    """Primary cluster sizes of an epoch at :data:`CLUSTER_SIZE_QUANTILES` (a compact histogram)."""
+    sizes = counts.numpy()
+    return tuple(int(v) for v in np.percentile(sizes, CLUSTER_SIZE_QUANTILES, method="nearest"))
 
 
 def _init_blocks(num_items: int, n_init: int, block_rows: int) -> list[tuple[int, int]]:
@@ -602,6 +611,7 @@ def train_msac(
                     reseeded_primary=reseeded[0],
                     reseeded_secondary=reseeded[1],
                     seconds=time.perf_counter() - t0,
+                    cluster_size_quantiles=_size_quantiles(primary_counts),
                 )
                 history.append(stats)
                 if progress is not None:
