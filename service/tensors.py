@@ -69,12 +69,13 @@ def from_tensor(tensor: sampler_pb2.Tensor) -> npt.NDArray[Any]:
     if any(n < 0 for n in shape):
         raise InvalidInputError(f"tensor shape {list(shape)} has a negative dimension")
     expected = math.prod(shape) * wire.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data  # each read of a bytes field copies it (upb): read it once
+    if len(data) != expected:
         raise InvalidInputError(
             f"tensor of shape {list(shape)} and dtype {wire.name} needs {expected} bytes, "
-            f"got {len(tensor.data)}"
+            f"got {len(data)}"
         )
-    array = np.frombuffer(tensor.data, dtype=wire).reshape(shape)
+    array = np.frombuffer(data, dtype=wire).reshape(shape)
     return array.astype(wire.newbyteorder("="), copy=False)
 
 

@@ -1,0 +1,666 @@
+"""End-to-end gRPC service throughput and latency against the issue's targets.
+
+One ``esans serve`` process (a subprocess, gRPC and HTTP on 127.0.0.1) serves a random
+1M-item codebook (K_p = 300, K_s = 15, a d = 64 embedding snapshot; no MSAC training)
+published to a private redis-server. Clients run on the same machine, each worker with its
+own channel (:class:`SamplerClient`). Every figure and every ratio is measured in this run:
+
+* ids only, B = 512, m_c = 2, m_o = 5, m_h = 5, concurrency 4: req/s >= 2,000 and
+  p99 <= 5 ms; compared with ``EsansSampler.sample`` on the same artifact in this process;
+* with embeddings (EDIS): tensor bytes per second >= 1.2 GB/s; compared with a raw TCP
+  socket moving the same bytes per message over loopback (a sink server in a subprocess);
+* Redis commands per warm request = 0: ``INFO commandstats`` before and after the load
+  phases, less this benchmark's own INFO call.
+
+    python benchmarks/bench_service.py [--items N] [--concurrency C] [--duration S]
+                                       [--clients thread|process]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+IDS_REQ_PER_S_TARGET = 2000.0
+IDS_P99_MS_TARGET = 5.0
+PAYLOAD_GB_PER_S_TARGET = 1.2
+REDIS_COMMANDS_TARGET = 0.0
+FIRST_ID = 10**9
+_WARMUP_CALLS = 20
+_SERVER_START_TIMEOUT_S = 180.0
+_BARRIER_TIMEOUT_S = 120.0
+_RAW_HEADER = struct.Struct("<QQ")  # request bytes that follow, reply bytes wanted
+
+
+# ----------------------------------------------------------------------------- artifact
+
+
+def build_artifact(items: int, primary: int, secondary: int, snapshot_dim: int, seed: int) -> Any:
+    """A valid random artifact (as tests/conftest.py ``build_random_artifact``), ids
+    ``FIRST_ID .. FIRST_ID + items - 1`` shuffled, every primary cluster non-empty."""
+    from esans_sampler.artifact import CodebookArtifact
+    from esans_sampler.cluster_choice import cluster_choice_matrix
+    from esans_sampler.cluster_index import ClusterIndex
+    from esans_sampler.codebook import Codebook
+
+    rng = np.random.default_rng(seed)
+    dim, width = 16, 12
+    codebook = Codebook(
+        modality_names=("image",),
+        map_weights=(rng.normal(size=(dim, width)).astype(np.float32),),
+        map_biases=(np.zeros(dim, dtype=np.float32),),
+        primary_codewords=rng.normal(size=(primary, dim)).astype(np.float32),
+        secondary_codewords=rng.normal(size=(secondary, dim)).astype(np.float32),
+    )
+    codes = rng.permutation(np.arange(items) % primary)
+    index = ClusterIndex.build(
+        FIRST_ID + rng.permutation(items).astype(np.int64),
+        codes,
+        rng.integers(0, secondary, size=items),
+        primary,
+        secondary,
+    )
+    choice = cluster_choice_matrix(codebook.primary_codewords, index.cluster_sizes, 1.0)
+    snapshot = rng.standard_normal(size=(items, snapshot_dim), dtype=np.float32)
+    return CodebookArtifact(
+        codebook=codebook,
+        index=index,
+        cluster_choice=choice,
+        embeddings=snapshot,
+        metadata={"benchmark": "bench_service", "seed": seed},
+    )
+
+
+# ----------------------------------------------------------------------------- load
+
+
+class _Waiter(Protocol):
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+@dataclass
+class Load:
+    """What one or more workers measured (monotonic clock stamps, shared across processes)."""
+
+    latencies_ms: npt.NDArray[np.float64]
+    payload_bytes: int
+    errors: int
+    first_error: str
+    start: float
+    end: float
+
+    @property
+    def requests(self) -> int:
+        return int(self.latencies_ms.size)
+
+    @property
+    def seconds(self) -> float:
+        return max(self.end - self.start, 1e-9)
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.requests else float("nan")
+
+    @staticmethod
+    def merge(loads: Sequence[Load]) -> Load:
+        return Load(
+            latencies_ms=np.concatenate([x.latencies_ms for x in loads]),
+            payload_bytes=sum(x.payload_bytes for x in loads),
+            errors=sum(x.errors for x in loads),
+            first_error=next((x.first_error for x in loads if x.first_error), ""),
+            start=min(x.start for x in loads),
+            end=max(x.end for x in loads),
+        )
+
+
+def _response_bytes(response: Any) -> int:
+    """Bytes of every tensor of a :class:`SampleResponse` (ids, codes, log q, embeddings)."""
+    total = 0
+    for part in (response, response.embeddings):
+        if part is None:
+            continue
+        for value in vars(part).values():
+            if isinstance(value, np.ndarray):
+                total += value.nbytes
+    return total
+
+
+def drive_grpc(
+    target: str,
+    batches: Sequence[npt.NDArray[np.int64]],
+    sizes: tuple[int, int, int],
+    embeddings: bool,
+    duration_s: float,
+    max_requests: int,
+    barrier: _Waiter,
+) -> Load:
+    """One worker: its own channel, warm-up calls, the barrier, then timed calls until
+    ``duration_s`` has passed or ``max_requests`` were sent."""
+    from esans_sampler.client import SamplerClient
+    from esans_sampler.errors import EsansError
+
+    m_c, m_o, m_h = sizes
+    latencies = np.empty(max_requests)
+    done, errors, payload, first_error = 0, 0, 0, ""
+    with SamplerClient(target, timeout_s=10.0, retries=0) as client:
+
+        def call(i: int) -> Any:
+            batch = batches[i % len(batches)]
+            return client.sample(batch, m_c=m_c, m_o=m_o, m_h=m_h, return_embeddings=embeddings)
+
+        for i in range(_WARMUP_CALLS):
+            call(i)
+        barrier.wait(_BARRIER_TIMEOUT_S)
+        start = time.monotonic()
+        deadline = start + duration_s
+        i = 0
+        while i < max_requests and time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            try:
+                response = call(i)
+            except EsansError as exc:  # e.g. RESOURCE_EXHAUSTED: counted, not timed
+                errors += 1
+                first_error = first_error or f"{type(exc).__name__}: {exc}"
+            else:
+                latencies[done] = (time.perf_counter() - t0) * 1e3
+                payload += _response_bytes(response)
+                done += 1
+            i += 1
+        end = time.monotonic()
+    return Load(latencies[:done].copy(), payload, errors, first_error, start, end)
+
+
+def _process_worker(queue: Any, barrier: Any, *args: Any) -> None:
+    try:
+        queue.put(drive_grpc(*args, barrier=barrier))
+    except BaseException as exc:
+        barrier.abort()
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def run_load(
+    worker: Callable[[_Waiter], Load], concurrency: int, mode: str, process_args: tuple[Any, ...]
+) -> Load:
+    """``concurrency`` workers started together (threads here, or spawned processes)."""
+    if mode == "thread":
+        barrier = threading.Barrier(concurrency)
+        results: list[Load | BaseException] = []
+
+        def run() -> None:
+            try:
+                results.append(worker(barrier))
+            except BaseException as exc:
+                barrier.abort()
+                results.append(exc)
+
+        threads = [threading.Thread(target=run, daemon=True) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise RuntimeError(f"a load worker failed: {failed[0]!r}") from failed[0]
+        return Load.merge([r for r in results if isinstance(r, Load)])
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    pbarrier = ctx.Barrier(concurrency)
+    procs = [
+        ctx.Process(target=_process_worker, args=(queue, pbarrier, *process_args), daemon=True)
+        for _ in range(concurrency)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        got = [queue.get(timeout=_BARRIER_TIMEOUT_S + 60.0) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=5.0)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    failed_msgs = [g for g in got if isinstance(g, str)]
+    if failed_msgs:
+        raise RuntimeError(f"a load worker failed: {failed_msgs[0]}")
+    return Load.merge(got)
+
+
+# ----------------------------------------------------------------------------- raw socket
+
+
+def raw_sink_main() -> None:
+    """The raw-socket baseline server: per connection, read a header and the request
+    bytes, answer the asked number of bytes. Exits when its stdin closes."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    print(listener.getsockname()[1], flush=True)
+    zeros = memoryview(bytearray(1))
+    lock = threading.Lock()
+
+    def reply_buffer(size: int) -> memoryview:
+        nonlocal zeros
+        with lock:
+            if len(zeros) < size:
+                zeros = memoryview(bytearray(size))
+            return zeros[:size]
+
+    def serve(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        header = bytearray(_RAW_HEADER.size)
+        scratch = bytearray(1 << 16)
+        with conn:
+            while _recv_exactly(conn, memoryview(header)):
+                request_len, reply_len = _RAW_HEADER.unpack(header)
+                while request_len:
+                    n = conn.recv_into(scratch, min(request_len, len(scratch)))
+                    if n == 0:
+                        return
+                    request_len -= n
+                conn.sendall(reply_buffer(reply_len))
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    sys.stdin.read()  # until the parent closes our stdin (or dies)
+    listener.close()
+
+
+def _recv_exactly(conn: socket.socket, view: memoryview) -> bool:
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+def drive_raw(
+    port: int,
+    request_bytes: int,
+    reply_bytes: int,
+    duration_s: float,
+    max_messages: int,
+    barrier: _Waiter,
+) -> Load:
+    """One raw-socket worker: send a request of ``request_bytes``, read ``reply_bytes``."""
+    latencies = np.empty(max_messages)
+    message = _RAW_HEADER.pack(request_bytes, reply_bytes) + bytes(request_bytes)
+    reply = memoryview(bytearray(reply_bytes))
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def call() -> None:
+            conn.sendall(message)
+            if not _recv_exactly(conn, reply):
+                raise ConnectionError("the raw sink closed the connection")
+
+        for _ in range(_WARMUP_CALLS):
+            call()
+        barrier.wait(_BARRIER_TIMEOUT_S)
+        start = time.monotonic()
+        deadline = start + duration_s
+        done = 0
+        while done < max_messages and time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            call()
+            latencies[done] = (time.perf_counter() - t0) * 1e3
+            done += 1
+        end = time.monotonic()
+    return Load(latencies[:done].copy(), done * reply_bytes, 0, "", start, end)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _stop_process(proc: subprocess.Popen[Any] | None, grace_s: float = 15.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _esans_command() -> list[str]:
+    script = Path(sys.executable).with_name("esans")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("esans")
+    if found:
+        return [found]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from esans_sampler.cli import main; sys.exit(main())",
+    ]
+
+
+def start_server(
+    redis_url: str, work_dir: Path, grpc_port: int, log_path: Path
+) -> subprocess.Popen[bytes]:
+    """``esans serve`` on 127.0.0.1 against ``redis_url``; output goes to ``log_path``."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ESANS_")}
+    env.update(
+        {
+            "ESANS_REDIS_URL": redis_url,
+            "ESANS_DATA_DIR": str(work_dir / "server-data"),
+            "ESANS_GRPC_HOST": "127.0.0.1",
+            "ESANS_GRPC_PORT": str(grpc_port),
+            "ESANS_HTTP_HOST": "127.0.0.1",
+            "ESANS_HTTP_PORT": "0",
+            "ESANS_LOG_LEVEL": "WARNING",
+            "ESANS_SHUTDOWN_GRACE_S": "2",
+            # The fallback poll (every 5 s by default, on top of pub/sub) would add a few
+            # GETs per minute to the Redis count; the hot path is what is measured here.
+            "ESANS_POLL_INTERVAL_S": "3600",
+        }
+    )
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [*_esans_command(), "serve"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_for_codebook(
+    proc: subprocess.Popen[bytes], target: str, version: str, log_path: Path
+) -> float:
+    """Seconds until the server answers GetCodebookInfo with ``version`` active."""
+    from esans_sampler.client import SamplerClient
+    from esans_sampler.errors import EsansError
+
+    start = time.monotonic()
+    with SamplerClient(target, timeout_s=2.0, retries=0) as client:
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"esans serve exited with {proc.returncode}:\n{tail}")
+            try:
+                if client.codebook_info().get("version") == version:
+                    return time.monotonic() - start
+            except EsansError:
+                pass
+            if time.monotonic() - start > _SERVER_START_TIMEOUT_S:
+                raise RuntimeError(f"esans serve did not load {version[:16]} in time")
+            time.sleep(0.2)
+
+
+def _command_calls(client: Any) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {
+        key.removeprefix("cmdstat_"): int(value["calls"])
+        for key, value in stats.items()
+        if isinstance(value, dict)
+    }
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+def time_calls(call: Callable[[int], object], repeats: int, warmup: int) -> npt.NDArray[np.float64]:
+    for i in range(warmup):
+        call(i)
+    ms = np.empty(repeats)
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        call(i)
+        ms[i] = (time.perf_counter() - t0) * 1e3
+    return ms
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _status(ok: bool) -> str:
+    return "PASS" if ok else "MISSED"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--primary", type=int, default=300, help="K_p")
+    parser.add_argument("--secondary", type=int, default=15, help="K_s")
+    parser.add_argument("--snapshot-dim", type=int, default=64, help="embedding snapshot d")
+    parser.add_argument("--batch", type=int, default=512, help="B")
+    parser.add_argument("--m-c", type=int, default=2)
+    parser.add_argument("--m-o", type=int, default=5)
+    parser.add_argument("--m-h", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, default=4, help="client workers")
+    parser.add_argument(
+        "--clients",
+        choices=("thread", "process"),
+        default="thread",
+        help="workers as threads of this process (default: leaves the server more of a small "
+        "machine) or as spawned processes",
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="s per ids-only phase")
+    parser.add_argument("--emb-duration", type=float, default=8.0, help="s, embeddings phase")
+    parser.add_argument("--raw-duration", type=float, default=4.0, help="s, raw socket phase")
+    parser.add_argument("--max-requests", type=int, default=100_000, help="per worker, per phase")
+    parser.add_argument("--sampler-repeats", type=int, default=2000, help="in-process calls")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--raw-sink", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.raw_sink:
+        raw_sink_main()
+        return
+
+    from esans_sampler.artifact import artifact_to_files
+    from esans_sampler.edis import edis_from_rows, gather_rows
+    from service._proto.esans.v1 import sampler_pb2
+    from service.embedded_redis import EmbeddedRedis
+    from service.registry import load_codebook
+    from service.store import CodebookStore
+
+    wall = time.monotonic()
+    sizes = (args.m_c, args.m_o, args.m_h)
+    t0 = time.monotonic()
+    artifact = build_artifact(
+        args.items, args.primary, args.secondary, args.snapshot_dim, args.seed
+    )
+    rng = np.random.default_rng(args.seed + 1)
+    batches = [rng.choice(artifact.index.item_ids, args.batch) for _ in range(64)]
+    build_s = time.monotonic() - t0
+
+    # In-process baselines on the same artifact (the server builds the same sampler).
+    sampler = load_codebook(artifact).esans
+    table = artifact.embeddings
+    draw = np.random.default_rng(args.seed + 2)
+    in_process = time_calls(
+        lambda i: sampler.sample(batches[i % 64], draw, *sizes), args.sampler_repeats, warmup=50
+    )
+
+    def sample_with_edis(i: int) -> None:
+        s = sampler.sample(batches[i % 64], draw, *sizes)
+        edis_from_rows(table, s.positive_rows, s.simple_rows, s.hard_rows, 0.6, 0.1)
+        for rows in (s.positive_rows, s.simple_rows, s.hard_rows):
+            gather_rows(table, rows)
+
+    in_process_edis = time_calls(sample_with_edis, max(args.sampler_repeats // 10, 20), warmup=5)
+
+    server: subprocess.Popen[bytes] | None = None
+    sink: subprocess.Popen[str] | None = None
+    with tempfile.TemporaryDirectory(prefix="esans-bench-") as tmp:
+        work = Path(tmp)
+        log_path = work / "serve.log"
+        redis_server = EmbeddedRedis(work / "redis", appendonly=False)
+        try:
+            redis_server.start()
+            rclient = redis_server.client(decode_responses=False)
+            t0 = time.monotonic()
+            files = artifact_to_files(artifact)
+            version = CodebookStore(rclient).publish(files, activate=True)
+            del files
+            publish_s = time.monotonic() - t0
+
+            grpc_port = _free_port()
+            target = f"127.0.0.1:{grpc_port}"
+            server = start_server(redis_server.url, work, grpc_port, log_path)
+            load_s = wait_for_codebook(server, target, version, log_path)
+
+            def grpc_phase(embeddings: bool, duration: float) -> Load:
+                wargs = (target, batches, sizes, embeddings, duration, args.max_requests)
+                return run_load(
+                    lambda barrier: drive_grpc(*wargs, barrier=barrier),
+                    args.concurrency,
+                    args.clients,
+                    wargs,
+                )
+
+            # Warm: every worker makes _WARMUP_CALLS calls before its timed phase starts.
+            before = _command_calls(rclient)
+            ids_only = grpc_phase(False, args.duration)
+            with_emb = grpc_phase(True, args.emb_duration)
+            after = _command_calls(rclient)
+            own_info_calls = 1  # the "before" INFO; the "after" one counts itself afterwards
+            delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+            delta["info"] = delta.get("info", 0) - own_info_calls
+            delta = {k: v for k, v in delta.items() if v}
+            # redis-py PINGs the registry's pub/sub connection every 30 s (health check):
+            # time-driven, not per request, so it is shown but not counted.
+            per_request_commands = sum(v for k, v in delta.items() if k != "ping")
+            warm_requests = ids_only.requests + with_emb.requests + ids_only.errors
+            warm_requests += with_emb.errors + 2 * args.concurrency * _WARMUP_CALLS
+            redis_per_request = per_request_commands / max(warm_requests, 1)
+            _stop_process(server)
+            server = None
+
+            # Raw socket: the same reply bytes per message, the same request size.
+            reply_bytes = with_emb.payload_bytes // max(with_emb.requests, 1)
+            request = sampler_pb2.SampleNegativesRequest(positive_ids=batches[0].tolist())
+            request_bytes = request.ByteSize()
+            sink = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--raw-sink"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            if sink.stdout is None:
+                raise RuntimeError("the raw sink has no stdout")
+            sink_port = int(sink.stdout.readline())
+            raw = run_load(
+                lambda barrier: drive_raw(
+                    sink_port,
+                    request_bytes,
+                    reply_bytes,
+                    args.raw_duration,
+                    args.max_requests,
+                    barrier,
+                ),
+                args.concurrency,
+                "thread",
+                (),
+            )
+        finally:
+            _stop_process(server)
+            if sink is not None:
+                if sink.stdin is not None:
+                    sink.stdin.close()
+                _stop_process(sink, grace_s=5.0)
+            redis_server.stop()
+
+    # ------------------------------------------------------------------------- report
+    sampler_ms = float(np.median(in_process))
+    edis_ms = float(np.median(in_process_edis))
+    p50, p99 = ids_only.percentile_ms(50), ids_only.percentile_ms(99)
+    gbps = with_emb.payload_bytes / with_emb.seconds / 1e9
+    raw_gbps = raw.payload_bytes / raw.seconds / 1e9
+    cpus = os.cpu_count() or 1
+    print(
+        f"catalogue N={args.items:,} K_p={args.primary} K_s={args.secondary} snapshot d="
+        f"{args.snapshot_dim}; B={args.batch} m_c={args.m_c} m_o={args.m_o} m_h={args.m_h}; "
+        f"concurrency {args.concurrency} ({args.clients} workers, one channel each)"
+    )
+    print(
+        f"python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}; "
+        f"client, server and Redis share this {cpus}-vCPU machine (127.0.0.1)"
+    )
+    print(
+        f"setup: build {build_s:.1f} s, publish {publish_s:.1f} s, server load "
+        f"{load_s:.1f} s; codebook {version[:16]}"
+    )
+    print(
+        f"in-process EsansSampler.sample: median {sampler_ms:.3f} ms, p99 "
+        f"{np.percentile(in_process, 99):.3f} ms ({in_process.size} calls); with EDIS + "
+        f"gathers: median {edis_ms:.3f} ms"
+    )
+    for name, load in (("ids only", ids_only), ("embeddings", with_emb), ("raw socket", raw)):
+        print(
+            f"{name:11s} {load.requests:7d} ok {load.errors:5d} errors in {load.seconds:5.1f} s: "
+            f"{load.per_second:8.0f} /s, p50 {load.percentile_ms(50):7.3f} ms, p99 "
+            f"{load.percentile_ms(99):7.3f} ms, {load.payload_bytes / max(load.requests, 1):,.0f}"
+            " B/response"
+        )
+        if load.first_error:
+            print(f"            first error: {load.first_error}")
+    if delta:
+        print(f"Redis commands during the load phases (own INFO removed): {delta}")
+    print()
+    rows = [
+        ("ids only req/s", f"{ids_only.per_second:,.0f}", f">= {IDS_REQ_PER_S_TARGET:,.0f}",
+         _status(ids_only.per_second >= IDS_REQ_PER_S_TARGET)),
+        ("ids only p50 / p99 ms", f"{p50:.2f} / {p99:.2f}", f"p99 <= {IDS_P99_MS_TARGET:g}",
+         _status(p99 <= IDS_P99_MS_TARGET)),
+        ("in-process sampler ms", f"{sampler_ms:.3f}", "", ""),
+        ("RPC p50 / in-process", f"{p50 / sampler_ms:.1f}x", "", ""),
+        ("embeddings GB/s", f"{gbps:.3f}", f">= {PAYLOAD_GB_PER_S_TARGET:g}",
+         _status(gbps >= PAYLOAD_GB_PER_S_TARGET)),
+        ("raw socket GB/s", f"{raw_gbps:.3f}", "", ""),
+        ("gRPC / raw socket", f"{gbps / raw_gbps:.2f}", "", ""),
+        ("Redis cmds / warm req", f"{redis_per_request:.4f}", "= 0",
+         _status(redis_per_request <= REDIS_COMMANDS_TARGET)),
+    ]  # fmt: skip
+    print(f"{'metric':24s} {'measured':>16s} {'target':>12s}  status")
+    for metric, value, goal, status in rows:
+        print(f"{metric:24s} {value:>16s} {goal:>12s}  {status}")
+    print(f"total {time.monotonic() - wall:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
