@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -94,21 +94,6 @@ class SampleResponse:
         return mask
 
 
-def _with_retries(
-    call: Callable[[], T], retries: int, backoff_s: float, deadline: float | None
-) -> T:
-    attempt = 0
-    while True:
-        try:
-            return call()
-        except errors.UnavailableError:
-            attempt += 1
-            pause = backoff_s * (2 ** (attempt - 1))
-            if attempt > retries or (deadline is not None and time.monotonic() + pause > deadline):
-                raise
-            time.sleep(pause)
-
-
 def _sample_fields(
     positive_ids: npt.ArrayLike | Sequence[int],
     m_c: int | None,
@@ -143,7 +128,76 @@ def _sample_fields(
     return fields
 
 
-class SamplerClient:
+class _SamplerClientBase:
+    """What both transports share: the call signature, retries and the context manager."""
+
+    timeout_s: float
+    retries: int
+    backoff_s: float
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def sample(
+        self,
+        positive_ids: npt.ArrayLike | Sequence[int],
+        *,
+        m_c: int | None = None,
+        m_o: int | None = None,
+        m_h: int | None = None,
+        gamma: float | None = None,
+        eta: float | None = None,
+        hard_lambda: float | None = None,
+        sampler: str = "esans",
+        codebook_version: str = "",
+        seed: int | None = None,
+        return_embeddings: bool = False,
+        timeout_s: float | None = None,
+    ) -> SampleResponse:
+        """Negatives for ``positive_ids`` (B,); unset parameters take the server defaults.
+
+        Raises the :mod:`esans_sampler.errors` class of the server's status (e.g.
+        :class:`~esans_sampler.errors.InvalidInputError` for INVALID_ARGUMENT / 422) after
+        retrying UNAVAILABLE up to ``retries`` times within the deadline.
+        """
+        fields = _sample_fields(
+            positive_ids, m_c, m_o, m_h, gamma, eta, hard_lambda, sampler,
+            codebook_version, seed, return_embeddings,
+        )  # fmt: skip
+        return self._sample(fields, self.timeout_s if timeout_s is None else timeout_s)
+
+    def codebook_info(self, version: str = "", timeout_s: float | None = None) -> dict[str, Any]:
+        """The active (or named) codebook's description, as a dict."""
+        return self._codebook_info(version, self.timeout_s if timeout_s is None else timeout_s)
+
+    def _sample(self, fields: dict[str, Any], timeout_s: float) -> SampleResponse:
+        raise NotImplementedError
+
+    def _codebook_info(self, version: str, timeout_s: float) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _with_retries(self, call: Callable[[float], T], timeout_s: float) -> T:
+        """``call(remaining_seconds)``, retried on UNAVAILABLE with exponential backoff."""
+        deadline = time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            try:
+                return call(max(deadline - time.monotonic(), 0.001))
+            except errors.UnavailableError:
+                attempt += 1
+                pause = self.backoff_s * (2 ** (attempt - 1))
+                if attempt > self.retries or time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+
+
+class SamplerClient(_SamplerClientBase):
     """gRPC client of ``esans.v1.NegativeSampler``.
 
     >>> with SamplerClient("localhost:50051") as client:  # doctest: +SKIP
@@ -176,56 +230,26 @@ class SamplerClient:
         self.retries = retries
         self.backoff_s = backoff_s
 
-    def __enter__(self) -> SamplerClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Callable[..., Any], request: Any, timeout_s: float | None) -> Any:
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout
-
-        def once() -> Any:
-            remaining = max(deadline - time.monotonic(), 0.001)
+    def _call(self, method: Callable[..., Any], request: Any, timeout_s: float) -> Any:
+        def once(remaining: float) -> Any:
             try:
                 return method(request, timeout=remaining)
             except self._grpc.RpcError as exc:
                 raise error_for(exc.code().name, exc.details() or str(exc)) from exc
 
-        return _with_retries(once, self.retries, self.backoff_s, deadline)
+        return self._with_retries(once, timeout_s)
 
-    def sample(
-        self,
-        positive_ids: npt.ArrayLike | Sequence[int],
-        *,
-        m_c: int | None = None,
-        m_o: int | None = None,
-        m_h: int | None = None,
-        gamma: float | None = None,
-        eta: float | None = None,
-        hard_lambda: float | None = None,
-        sampler: str = "esans",
-        codebook_version: str = "",
-        seed: int | None = None,
-        return_embeddings: bool = False,
-        timeout_s: float | None = None,
-    ) -> SampleResponse:
-        """Negatives for ``positive_ids`` (B,); unset parameters take the server defaults."""
-        fields = _sample_fields(
-            positive_ids, m_c, m_o, m_h, gamma, eta, hard_lambda, sampler,
-            codebook_version, seed, return_embeddings,
-        )  # fmt: skip
-        fields["sampler"] = self._pb2.SamplerKind.Value(f"SAMPLER_KIND_{sampler.upper()}")
-        request = self._pb2.SampleNegativesRequest(**fields)
-        reply = self._call(self._stub.SampleNegatives, request, timeout_s)
-        return _response_from_proto(reply)
+    def _sample(self, fields: dict[str, Any], timeout_s: float) -> SampleResponse:
+        kind = f"SAMPLER_KIND_{fields['sampler'].upper()}"
+        request = self._pb2.SampleNegativesRequest(
+            **{**fields, "sampler": self._pb2.SamplerKind.Value(kind)}
+        )
+        return _response_from_proto(self._call(self._stub.SampleNegatives, request, timeout_s))
 
-    def codebook_info(self, version: str = "", timeout_s: float | None = None) -> dict[str, Any]:
-        """The active (or named) codebook's description, as a dict."""
+    def _codebook_info(self, version: str, timeout_s: float) -> dict[str, Any]:
         from google.protobuf.json_format import MessageToDict
 
         request = self._pb2.GetCodebookInfoRequest(codebook_version=version)
@@ -266,7 +290,7 @@ def _response_from_proto(reply: Any) -> SampleResponse:
     )
 
 
-class HttpSamplerClient:
+class HttpSamplerClient(_SamplerClientBase):
     """HTTP/JSON client of ``POST /v1/sample`` and ``GET /v1/codebook``, same results."""
 
     def __init__(
@@ -284,23 +308,11 @@ class HttpSamplerClient:
         self.retries = retries
         self.backoff_s = backoff_s
 
-    def __enter__(self) -> HttpSamplerClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         self._client.close()
 
-    def _request(
-        self, method: str, path: str, timeout_s: float | None, **kwargs: Any
-    ) -> dict[str, Any]:
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout
-
-        def once() -> dict[str, Any]:
-            remaining = max(deadline - time.monotonic(), 0.001)
+    def _request(self, method: str, path: str, timeout_s: float, **kwargs: Any) -> dict[str, Any]:
+        def once(remaining: float) -> dict[str, Any]:
             try:
                 reply = self._client.request(method, path, timeout=remaining, **kwargs)
             except self._httpx.TimeoutException as exc:
@@ -313,33 +325,12 @@ class HttpSamplerClient:
                 raise error_for(error.get("code", ""), error.get("message", reply.text))
             return body
 
-        return _with_retries(once, self.retries, self.backoff_s, deadline)
+        return self._with_retries(once, timeout_s)
 
-    def sample(
-        self,
-        positive_ids: npt.ArrayLike | Sequence[int],
-        *,
-        m_c: int | None = None,
-        m_o: int | None = None,
-        m_h: int | None = None,
-        gamma: float | None = None,
-        eta: float | None = None,
-        hard_lambda: float | None = None,
-        sampler: str = "esans",
-        codebook_version: str = "",
-        seed: int | None = None,
-        return_embeddings: bool = False,
-        timeout_s: float | None = None,
-    ) -> SampleResponse:
-        """Negatives for ``positive_ids`` (B,); unset parameters take the server defaults."""
-        fields = _sample_fields(
-            positive_ids, m_c, m_o, m_h, gamma, eta, hard_lambda, sampler,
-            codebook_version, seed, return_embeddings,
-        )  # fmt: skip
-        body = self._request("POST", "/v1/sample", timeout_s, json=fields)
-        return _response_from_json(body)
+    def _sample(self, fields: dict[str, Any], timeout_s: float) -> SampleResponse:
+        return _response_from_json(self._request("POST", "/v1/sample", timeout_s, json=fields))
 
-    def codebook_info(self, version: str = "", timeout_s: float | None = None) -> dict[str, Any]:
+    def _codebook_info(self, version: str, timeout_s: float) -> dict[str, Any]:
         return self._request("GET", "/v1/codebook", timeout_s, params={"version": version})
 
 

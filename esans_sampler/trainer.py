@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from esans_sampler.client import SampleResponse
@@ -46,17 +47,22 @@ def esans_negatives(
     """
     device = positive_embeddings.device
     batch = positive_embeddings.shape[0]
-    simple_ids = torch.as_tensor(response.simple_ids, device=device)
-    hard_ids = torch.as_tensor(np.maximum(response.hard_ids, 0), device=device)
-    hard_valid = torch.as_tensor(response.hard_valid, device=device)
+
+    def tensor(array: npt.ArrayLike) -> torch.Tensor:
+        # Response arrays are read-only views of the wire bytes; torch wants its own copy.
+        return torch.from_numpy(np.array(array)).to(device)
+
+    simple_ids = tensor(response.simple_ids)
+    hard_ids = tensor(np.maximum(response.hard_ids, 0))
+    hard_valid = tensor(response.hard_valid)
     simple = embed_items(simple_ids)  # (B, m_c, m_o, d)
     hard = embed_items(hard_ids) * hard_valid[..., None]  # (B, m_h, d)
     dim = simple.shape[-1]
 
     parts = [simple.reshape(batch, -1, dim), hard]
     log_q = [
-        torch.as_tensor(response.simple_log_q, device=device).reshape(batch, -1),
-        torch.as_tensor(np.where(response.hard_valid, response.hard_log_q, 0.0), device=device),
+        tensor(response.simple_log_q).reshape(batch, -1),
+        tensor(np.where(response.hard_valid, response.hard_log_q, np.float32(0.0))),
     ]
     excluded = [
         torch.zeros(simple_ids.reshape(batch, -1).shape, dtype=torch.bool, device=device),
