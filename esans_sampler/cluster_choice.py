@@ -184,14 +184,21 @@ class AliasTable:
 
         For hot paths that need ``rows * K`` themselves (e.g. to look up per-pair tables).
         """
+        return self.draw_flat_with(row_starts, rng.random(int(row_starts.shape[0])))
+
+    def draw_flat_with(self, row_starts: IntArray, u: FloatArray) -> IntArray:
+        """:meth:`draw_flat` consuming given uniforms ``u`` (n,) float64 in [0, 1), overwritten.
+
+        For callers that draw every uniform of a batch in one generator call.
+        """
         k = self.num_outcomes
-        u = rng.random(int(row_starts.shape[0]))
         u *= k
         # floor(u * k) < k for every double u < 1 and integer k < 2**53: no clamp needed.
         col = u.astype(np.int64)
-        records = self._records[row_starts + col].view(np.float64).reshape(-1, 2)
+        records = self._records.take(row_starts + col).view(np.float64).reshape(-1, 2)
         # One uniform serves both choices: its integer part picks the column, the fraction
-        # decides between the column and its alias.
+        # (uniform on [0, 1) and independent of the column) decides between the column and
+        # its alias.
         u -= col
         keep = u < records[:, 0]
         drawn: IntArray = np.where(keep, col, records.view(np.int64)[:, 1])

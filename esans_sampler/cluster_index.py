@@ -10,6 +10,7 @@ hard-negative draw stay vectorised.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -106,10 +107,15 @@ class ClusterIndex:
 
 @dataclass(frozen=True)
 class _IdLookup:
-    """id -> catalogue row, as a dense table for compact id ranges, else by binary search."""
+    """id -> catalogue row, as a dense table for compact id ranges, else by binary search.
+
+    ``dense_rows[id - min_id]`` is the row of ``id``, -1 for an id in the range that is not
+    in the catalogue (only when ``dense_has_gaps``).
+    """
 
     min_id: int
     dense_rows: IdArray | None
+    dense_has_gaps: bool
     sorted_ids: IdArray
     sorted_rows: IdArray
 
@@ -128,20 +134,28 @@ class _IdLookup:
         if span <= _DENSE_LOOKUP_SPAN_FACTOR * ids.size:
             dense_rows = np.full(span, -1, dtype=np.int64)
             dense_rows[ids - min_id] = np.arange(ids.size, dtype=np.int64)
-        return cls(min_id, dense_rows, sorted_ids, sorted_rows)
+        return cls(min_id, dense_rows, span > ids.size, sorted_ids, sorted_rows)
 
     def rows_of(self, query: IdArray) -> IdArray:
+        if query.size == 0:
+            return np.zeros(query.shape, dtype=np.int64)
         if self.dense_rows is not None:
             offset = query - self.min_id
-            in_range = (offset >= 0) & (offset < self.dense_rows.shape[0])
-            rows = self.dense_rows[np.where(in_range, offset, 0)]
-            rows = np.where(in_range, rows, -1)
-        else:
-            pos = np.searchsorted(self.sorted_ids, query)
-            pos_clipped = np.minimum(pos, self.sorted_ids.shape[0] - 1)
-            found = self.sorted_ids[pos_clipped] == query
-            rows = np.where(found, self.sorted_rows[pos_clipped], -1)
-        if (rows < 0).any():
-            unknown = np.unique(query[rows < 0])
-            raise UnknownItemError(unknown[:10].tolist(), int(unknown.size))
-        return rows
+            # One unsigned comparison catches ids below min_id (they wrap to huge) and above.
+            if offset.view(np.uint64).max() >= self.dense_rows.shape[0]:
+                self._raise_unknown(query)
+            rows: IdArray = self.dense_rows.take(offset)
+            if self.dense_has_gaps and rows.min() < 0:
+                self._raise_unknown(query)
+            return rows
+        last = self.sorted_ids.shape[0] - 1
+        pos = np.minimum(self.sorted_ids.searchsorted(query), last)
+        if not np.array_equal(self.sorted_ids.take(pos), query):
+            self._raise_unknown(query)
+        found: IdArray = self.sorted_rows.take(pos)
+        return found
+
+    def _raise_unknown(self, query: IdArray) -> NoReturn:
+        known = np.isin(query, self.sorted_ids, kind="sort")
+        unknown = np.unique(query[~known])
+        raise UnknownItemError(unknown[:10].tolist(), int(unknown.size))

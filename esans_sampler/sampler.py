@@ -16,11 +16,10 @@ Every draw is exact: ``log q`` is the log-probability that this slot holds this 
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +38,8 @@ _HARD_REJECTION_ROUNDS = 3
 # Up to this many hard slots, repeats are found by comparing all slot pairs; beyond, by sorting.
 _PAIRWISE_REPEAT_CHECK_MAX = 16
 _CHOICE_CACHE_SIZE = 8
-_RECORD = np.dtype((np.void, 16))
+# Columns of the per-fine-cell table of EsansSampler.
+_CELL_CLUSTER_START, _CELL_START, _CELL_SIZE, _CELL_AVAILABLE = range(4)
 _ROW_SUM_TOLERANCE = 1e-6
 
 
@@ -155,9 +155,9 @@ class EsansSampler:
     cluster choice (eq. 9); ``cluster_choice`` may pass its (K_p, K_p) matrix precomputed
     (for example from a codebook artifact). Other gammas are computed on demand and the last
     few kept. Safe to share between threads (the only mutable state is a lock-guarded cache)
-    as long as each thread passes its own Generator. Besides the index it holds about 20
-    bytes per item: each CSR position's (row, id) side by side, so a drawn item costs one
-    memory read, and the fine cell of each catalogue row.
+    as long as each thread passes its own Generator. Besides the index it holds about 12
+    bytes per item (20 when the ids span 2**32 or more): each CSR position's (row, id) side
+    by side, so a drawn item costs one memory read, and the fine cell of each catalogue row.
     """
 
     name = "esans"
@@ -186,22 +186,32 @@ class EsansSampler:
         self._codewords = codewords
         self._num_primary = index.num_primary
         # Lookup tables for the hot path: the fine cell of every catalogue row, the (row, id)
-        # of every CSR position side by side (one memory read per drawn item), and per-cluster
-        # and per-fine-cell sizes and offsets.
-        self._fine_of_row = (
+        # of every CSR position side by side (one memory read per drawn item), and per fine
+        # cell, side by side, what the hard draw needs.
+        self._fine_of_row: npt.NDArray[np.integer] = (
             index.primary.astype(np.int64) * index.num_secondary + index.secondary
         ).astype(np.int32 if index.num_primary * index.num_secondary < 2**31 else np.int64)
-        records = np.stack((index.ordered_rows, index.ordered_ids), axis=1)
-        self._ordered_records = records.view(_RECORD).ravel()
+        self._records, self._record_field, self._id_base = _position_records(index)
         self._cluster_size = sizes.astype(np.float64)
+        self._cluster_offsets = np.ascontiguousarray(index.cluster_offsets[:-1])
         self._log_cluster_size = np.log(np.maximum(sizes, 1)).astype(np.float64)
         cell_start = index.fine_offsets[:-1]
-        self._cell_size = np.diff(index.fine_offsets)
-        self._cluster_start_of_fine = np.repeat(index.cluster_offsets[:-1], index.num_secondary)
-        self._cell_offset_in_cluster = cell_start - self._cluster_start_of_fine
-        self._hard_available = np.repeat(sizes, index.num_secondary) - self._cell_size
+        cell_size = np.diff(index.fine_offsets)
+        hard_available = np.repeat(sizes, index.num_secondary) - cell_size
+        # Columns _CELL_*: cluster start, cell start, cell size and A = |p| - |(p, s)|.
+        self._cell_table = np.stack(
+            (
+                np.repeat(index.cluster_offsets[:-1], index.num_secondary),
+                cell_start,
+                cell_size,
+                hard_available,
+            ),
+            axis=1,
+        )
+        # The smallest A of a cell that can hold a positive: above m_h, no row is ever short.
+        self._min_hard_available = int(hard_available[cell_size > 0].min())
         # Hard slots are exchangeable: each holds a given candidate with probability 1 / A.
-        self._hard_log_q = -np.log(np.maximum(self._hard_available, 1)).astype(np.float32)
+        self._hard_log_q = -np.log(np.maximum(hard_available, 1)).astype(np.float32)
         self._cache: OrderedDict[float, _ChoiceTables] = OrderedDict()
         self._lock = threading.Lock()
         if cluster_choice is None:
@@ -231,39 +241,57 @@ class EsansSampler:
         validate_sample_sizes(m_c, m_o, m_h)
         choice = self._choice(gamma)
         ids = as_positive_ids(positive_ids)
-        index = self.index
-        rows = index.rows_of(ids)
-        fine = self._fine_of_row[rows].astype(np.int64)
-        primary64 = fine // index.num_secondary
-        secondary = (fine - primary64 * index.num_secondary).astype(np.int32)
+        rows = self.index.rows_of(ids)
+        fine = self._fine_of_row.take(rows)
+        primary, secondary = np.divmod(fine, self.index.num_secondary)
         batch = ids.shape[0]
+        draws = batch * m_c
+        items = draws * m_o
+        # Every uniform of the batch in one generator call: clusters, items, hard slots.
+        u = rng.random(draws + items + batch * m_h)
+        # CSR positions of every simple, then every hard slot, read in one gather at the end.
+        position = np.empty(items + batch * m_h, dtype=np.int64)
 
         # Simple negatives. Clusters: m_c alias draws from row p of P (eq. 9).
-        row_starts = np.repeat(primary64 * self._num_primary, m_c)
-        clusters = choice.table.draw_flat(row_starts, rng)
-        # Items: m_o uniform draws inside each drawn cluster (eq. 10), via its CSR range.
+        row_starts = np.repeat(np.multiply(primary, self._num_primary, dtype=np.int64), m_c)
+        clusters = choice.table.draw_flat_with(row_starts, u[:draws])
+        # Items: m_o uniform draws inside each drawn cluster (eq. 10), via its CSR range; laid
+        # out slot-major, (m_o, B * m_c), so per-cluster values broadcast along rows.
         # floor(u * n) < n for every double u < 1 and integer n < 2**53: no clamp needed.
-        u = rng.random((batch * m_c, m_o))
-        u *= self._cluster_size[clusters][:, None]
-        position = u.astype(np.int64)
-        position += index.cluster_offsets[clusters][:, None]
-        simple_rows, simple_ids = self._rows_and_ids(position)
-        simple_rows = simple_rows.reshape(batch, m_c, m_o)
-        simple_ids = simple_ids.reshape(batch, m_c, m_o)
+        u_items = u[draws : draws + items].reshape(m_o, draws)
+        u_items *= self._cluster_size.take(clusters)
+        simple_position = position[:items].reshape(m_o, draws)
+        np.copyto(simple_position, u_items, casting="unsafe")  # floor: u * n >= 0
+        simple_position += self._cluster_offsets.take(clusters)
         # q = P(c | p) / |c|, the same for the m_o slots of a drawn cluster.
-        slot_log_q = choice.simple_log_q_flat[row_starts + clusters]
-        simple_log_q = np.repeat(slot_log_q, m_o).reshape(batch, m_c, m_o)
+        slot_log_q = choice.simple_log_q_flat.take(row_starts + clusters)
 
-        hard_ids, hard_rows, hard_counts, hard_log_q = self._hard(fine, m_h, rng)
+        hard_position = position[items:].reshape(m_h, batch)
+        hard_counts, filled = self._hard(fine, u[draws + items :], hard_position, rng)
+
+        # (row, id - base) of every slot, back in (B, m_c, m_o) and (B, m_h) order.
+        records = self._records.take(position).view(self._record_field).reshape(-1, 2)
+        simple_rows, simple_ids = self._rows_and_ids(
+            records[:items].reshape(m_o, batch, m_c, 2).transpose(1, 2, 0, 3)
+        )
+        hard_rows, hard_ids = self._rows_and_ids(
+            records[items:].reshape(m_h, batch, 2).transpose(1, 0, 2)
+        )
+        hard_log_q = np.repeat(self._hard_log_q.take(fine), m_h).reshape(batch, m_h)
+        if filled is not None:  # some rows hold fewer than m_h: pad them
+            padding = ~filled.T
+            hard_rows[padding] = -1
+            hard_ids[padding] = -1
+            hard_log_q[padding] = -np.inf
         return NegativeSample(
             positive_ids=ids,
             positive_rows=rows,
-            positive_primary=primary64.astype(np.int32),
-            positive_secondary=secondary,
+            positive_primary=primary.astype(np.int32, copy=False),
+            positive_secondary=secondary.astype(np.int32, copy=False),
             simple_ids=simple_ids,
             simple_rows=simple_rows,
             simple_clusters=clusters.astype(np.int32).reshape(batch, m_c),
-            simple_log_q=simple_log_q,
+            simple_log_q=np.repeat(slot_log_q, m_o).reshape(batch, m_c, m_o),
             hard_ids=hard_ids,
             hard_rows=hard_rows,
             hard_counts=hard_counts,
@@ -271,40 +299,45 @@ class EsansSampler:
             sampler=self.name,
         )
 
-    def _rows_and_ids(self, position: IdArray) -> tuple[IdArray, IdArray]:
-        """Catalogue rows and ids at CSR positions (any shape), read as one record each."""
-        records = self._ordered_records[position].view(np.int64)
-        pairs = records.reshape(*position.shape, 2)
-        return pairs[..., 0].copy(), pairs[..., 1].copy()
+    def _rows_and_ids(self, records: npt.NDArray[np.integer]) -> tuple[IdArray, IdArray]:
+        """Catalogue rows and ids, (...) int64 each, of records (..., 2) (row, id - base)."""
+        rows = np.empty(records.shape[:-1], dtype=np.int64)
+        np.copyto(rows, records[..., 0])
+        ids = np.empty(records.shape[:-1], dtype=np.int64)
+        np.add(records[..., 1], self._id_base, out=ids)
+        return rows, ids
 
     def _hard(
-        self, fine: IdArray, m_h: int, rng: np.random.Generator
-    ) -> tuple[IdArray, IdArray, CodeArray, LogQArray]:
+        self,
+        fine: npt.NDArray[np.integer],
+        u: FloatArray,
+        position: IdArray,
+        rng: np.random.Generator,
+    ) -> tuple[CodeArray, npt.NDArray[np.bool_] | None]:
         """Uniform draws without replacement from cluster p minus fine cell (p, s).
 
+        Writes the CSR positions (m_h, B), slot-major, into ``position``, consuming the
+        uniforms ``u`` (m_h * B,). Returns the counts (B,) int32 and, when some row holds
+        fewer than m_h, which slots (m_h, B) are filled (unfilled positions are 0).
         Cluster p is one CSR range and fine cell (p, s) a sub-range of it, so the candidates
         are the two ranges around the cell: A = |p| - |(p, s)| of them.
         """
-        batch = fine.shape[0]
+        m_h, batch = position.shape
         if m_h == 0 or batch == 0:
-            return empty_hard_part(batch, m_h)
-        available = self._hard_available[fine]
-        # Work slot-major, (m_h, B), so that per-row values broadcast along contiguous rows.
-        picks, counts = _draw_distinct_slot_major(available, m_h, rng)
+            return np.zeros(batch, dtype=np.int32), None
+        cell = self._cell_table.take(fine, axis=0)
+        available = cell[:, _CELL_AVAILABLE]
+        may_be_short = self._min_hard_available <= m_h
+        counts = _fill_distinct(position, u.reshape(m_h, batch), available, may_be_short, rng)
         # Candidate k sits at cluster start + k, shifted past the fine cell once k reaches it.
-        position = picks + self._cluster_start_of_fine[fine]
-        position += np.where(picks >= self._cell_offset_in_cluster[fine], self._cell_size[fine], 0)
-        per_row_log_q = self._hard_log_q[fine]
-        if counts.min() == m_h:  # every row full: no padding to apply
-            hard_rows, hard_ids = self._rows_and_ids(np.ascontiguousarray(position.T))
-            hard_log_q = np.repeat(per_row_log_q, m_h).reshape(batch, m_h)
-            return hard_ids, hard_rows, counts.astype(np.int32), hard_log_q
+        position += cell[:, _CELL_CLUSTER_START]
+        shift = position >= cell[:, _CELL_START]
+        position += shift * cell[:, _CELL_SIZE]  # measured faster than add(..., where=shift)
+        if counts is None:
+            return np.full(batch, m_h, dtype=np.int32), None
         filled = np.arange(m_h)[:, None] < counts
-        slot_rows, slot_ids = self._rows_and_ids(np.where(filled, position, 0))
-        hard_rows = np.where(filled, slot_rows, -1).T.copy()
-        hard_ids = np.where(filled, slot_ids, -1).T.copy()
-        hard_log_q = np.where(filled, per_row_log_q, np.float32(-np.inf)).T.copy()
-        return hard_ids, hard_rows, counts.astype(np.int32), hard_log_q
+        position[~filled] = 0
+        return counts.astype(np.int32), filled
 
     def _choice(self, gamma: float | None) -> _ChoiceTables:
         if gamma is None:
@@ -355,6 +388,29 @@ class EsansSampler:
         return matrix
 
 
+def _position_records(
+    index: ClusterIndex,
+) -> tuple[npt.NDArray[np.void], np.dtype[Any], np.int64]:
+    """(row, id - base) of every CSR position side by side: one memory read per drawn item.
+
+    Returns the (N,) records, the dtype of their two fields and the id base. The fields are
+    uint32 when rows and id offsets fit (8-byte records: half the memory, so twice as much
+    of the table stays in cache for the random reads of the draws), else int64.
+    """
+    ids = index.ordered_ids
+    low, high = int(ids.min()), int(ids.max())
+    if index.num_items <= 2**32 and high - low < 2**32:
+        field: np.dtype[Any] = np.dtype(np.uint32)
+        base = low
+    else:
+        field, base = np.dtype(np.int64), 0
+    pairs = np.empty((index.num_items, 2), dtype=field)
+    pairs[:, 0] = index.ordered_rows
+    np.subtract(ids, base, out=pairs[:, 1], casting="unsafe")
+    records = pairs.view(np.dtype((np.void, 2 * field.itemsize))).ravel()
+    return records, field, np.int64(base)
+
+
 def draw_distinct(available: IdArray, m: int, rng: np.random.Generator) -> tuple[IdArray, IdArray]:
     """Per row, min(m, A) distinct integers from [0, A) in uniformly random order.
 
@@ -367,38 +423,55 @@ def draw_distinct(available: IdArray, m: int, rng: np.random.Generator) -> tuple
     rows with A <= m, use Floyd's algorithm followed by a random shuffle, which has the same
     law. With A much larger than m nearly every row is accepted at once.
     """
-    picks, counts = _draw_distinct_slot_major(available, m, rng)
+    picks = np.empty((m, available.shape[0]), dtype=np.int64)
+    counts = _fill_distinct(picks, rng.random(picks.shape), available, True, rng)
+    if counts is None:
+        counts = np.full(available.shape[0], m, dtype=np.int64)
     return np.ascontiguousarray(picks.T), counts
 
 
-def _draw_distinct_slot_major(
-    available: IdArray, m: int, rng: np.random.Generator
-) -> tuple[IdArray, IdArray]:
-    """:func:`draw_distinct` with picks laid out (m, B), slot-major."""
-    counts = np.minimum(available, m)
-    picks = _uniform_below(available, m, rng)
-    redo = _has_repeat(picks)
-    small = available <= m  # cannot be filled by rejection (A < m) or rarely so (A == m)
-    any_small = bool(small.any())
-    if any_small:
-        redo |= small
-    elif not redo.any():
-        return picks, counts
-    pending = np.flatnonzero(redo & ~small) if any_small else np.flatnonzero(redo)
+def _fill_distinct(
+    picks: IdArray,
+    u: FloatArray,
+    available: npt.NDArray[np.integer],
+    may_be_short: bool,
+    rng: np.random.Generator,
+) -> IdArray | None:
+    """:func:`draw_distinct` written into ``picks`` (m, B), slot-major, from uniforms ``u``.
+
+    ``u`` (m, B) float64 is overwritten. Returns the counts (B,) int64, or None when every
+    row got m picks. ``may_be_short`` False promises every A > m (skips that check).
+    """
+    m = picks.shape[0]
+    u *= available
+    # floor(u * n) < n for every double u < 1 and integer n < 2**53, so no clamp is needed.
+    np.copyto(picks, u, casting="unsafe")
+    small = available <= m if may_be_short else None
+    if small is not None and small.any():
+        # Cannot be filled by rejection (A < m) or rarely so (A == m): Floyd's algorithm.
+        pending = np.flatnonzero(_has_repeat(picks) & ~small)
+    else:
+        small = None
+        pending = np.flatnonzero(_has_repeat(picks))
+        if pending.size == 0:
+            return None
     for _ in range(_HARD_REJECTION_ROUNDS - 1):
         if pending.size == 0:
             break
+        # Redraw whole rows: a row kept only once all its slots differ is exactly uniform.
         draw = _uniform_below(available[pending], m, rng)
-        clash = _has_repeat(draw)
-        picks[:, pending[~clash]] = draw[:, ~clash]
-        pending = pending[clash]
-    rest = np.concatenate((np.flatnonzero(small), pending)) if any_small else pending
+        picks[:, pending] = draw  # rows that clash again are redrawn below
+        pending = pending[_has_repeat(draw)]
+    rest = pending if small is None else np.concatenate((np.flatnonzero(small), pending))
     if rest.size:
-        picks[:, rest] = _floyd_shuffled(available[rest], m, rng).T
-    return picks, counts
+        picks[:, rest] = _floyd_shuffled(available[rest].astype(np.int64), m, rng).T
+    if small is None:
+        return None
+    counts: IdArray = np.minimum(available, m).astype(np.int64)
+    return counts
 
 
-def _uniform_below(bound: IdArray, m: int, rng: np.random.Generator) -> IdArray:
+def _uniform_below(bound: npt.NDArray[np.integer], m: int, rng: np.random.Generator) -> IdArray:
     """(m, R) int64 independent uniform integers in [0, bound[r]) (0 where bound is 0)."""
     u = rng.random((m, bound.shape[0]))
     u *= bound
@@ -407,22 +480,22 @@ def _uniform_below(bound: IdArray, m: int, rng: np.random.Generator) -> IdArray:
     return drawn
 
 
-@functools.lru_cache(maxsize=_PAIRWISE_REPEAT_CHECK_MAX + 1)
-def _slot_pairs(m: int) -> tuple[IdArray, IdArray]:
-    """Every pair of slots (i < j) of m slots, as two index arrays."""
-    first, second = np.triu_indices(m, k=1)
-    return first.astype(np.int64), second.astype(np.int64)
-
-
 def _has_repeat(values: IdArray) -> npt.NDArray[np.bool_]:
     """(R,) bool: whether column r of values (m, R) holds some value twice."""
-    m = values.shape[0]
+    m, r = values.shape
+    if m < 2:
+        return np.zeros(r, dtype=np.bool_)
     if m <= _PAIRWISE_REPEAT_CHECK_MAX:
-        first, second = _slot_pairs(m)
-        repeat: npt.NDArray[np.bool_] = (values[first] == values[second]).any(axis=0)
+        # Every pair (i, i + lag), one comparison call per lag, into one (m(m-1)/2, R) array.
+        equal = np.empty((m * (m - 1) // 2, r), dtype=np.bool_)
+        start = 0
+        for lag in range(1, m):
+            np.equal(values[lag:], values[:-lag], out=equal[start : start + m - lag])
+            start += m - lag
+        repeat: npt.NDArray[np.bool_] = np.logical_or.reduce(equal, axis=0)
         return repeat
     ordered = np.sort(values, axis=0)
-    found: npt.NDArray[np.bool_] = (ordered[1:] == ordered[:-1]).any(axis=0)
+    found: npt.NDArray[np.bool_] = np.logical_or.reduce(ordered[1:] == ordered[:-1], axis=0)
     return found
 
 

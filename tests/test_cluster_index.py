@@ -44,3 +44,20 @@ def test_duplicate_ids_and_bad_codes_are_refused() -> None:
         ClusterIndex.build([1, 2, 2], [0, 0, 0], [0, 0, 0], 1, 1)
     with pytest.raises(InvalidInputError, match="primary codes"):
         ClusterIndex.build([1, 2], [0, 5], [0, 0], 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("ids", "query", "unknown"),
+    [
+        (list(range(10, 20)), [9, 12, 20], 2),  # dense, no gaps: below and above the range
+        ([10, 12, 14, 16], [12, 13, 10], 1),  # dense with gaps: a hole inside the range
+        ([5, 10**12, -7], [5, 6, -7, 10**13], 2),  # sparse: binary search
+    ],
+)
+def test_unknown_ids_are_found_on_every_lookup_path(
+    ids: list[int], query: list[int], unknown: int
+) -> None:
+    index = _index(ids)
+    with pytest.raises(UnknownItemError, match=f"{unknown} positive id"):
+        index.rows_of(query)
+    assert index.rows_of(np.zeros(0, dtype=np.int64)).shape == (0,)

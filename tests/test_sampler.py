@@ -313,3 +313,18 @@ def test_draw_distinct_with_many_slots_checks_repeats_by_sorting() -> None:
         assert np.unique(row[:count]).size == count
     assert sorted(picks[2].tolist()) == list(range(20))
     assert np.all(picks[0] < 100) and np.all(picks[1] < 25)
+
+
+@pytest.mark.parametrize("id_base", [-(2**62), 0, 2**40])
+@pytest.mark.parametrize("spread", [1, 2**33])
+def test_rules_hold_for_compact_and_wide_item_ids(id_base: int, spread: int) -> None:
+    # Ids spanning less than 2**32 are stored as 32-bit offsets, wider ones as int64.
+    rng = np.random.default_rng(3)
+    n = 60
+    ids = id_base + spread * rng.permutation(n).astype(np.int64)
+    index = ClusterIndex.build(ids, rng.integers(0, 4, n), rng.integers(0, 3, n), 4, 3)
+    codewords = rng.normal(size=(4, 3))
+    sampler = EsansSampler(index, codewords)
+    sample = sampler.sample(ids[::3], np.random.default_rng(4), 2, 3, 4)
+    _check_rules(sample, index, sampler.cluster_choice(), 4)
+    assert sample.simple_rows.flags.c_contiguous and sample.hard_ids.flags.c_contiguous
