@@ -140,29 +140,72 @@ def simple_interpolation(anchors: npt.ArrayLike, eta: float = 0.6) -> tuple[Floa
     if x.ndim < 2 or x.shape[-2] < 1:
         raise InvalidInputError(f"anchors must be (..., m_o, d) with m_o >= 1, got {x.shape}")
     eta32 = np.float32(check_eta(eta))
-    m_o = x.shape[-2]
-    weight_map = _weight_map(m_o)
-    t = weight_map.shape[1] // (2 * m_o)
-    # The one similarity tensor (..., m_o, m_o): the Gram matrix, cosines from its diagonal
-    # (the squared norms), then spec §4's mapping to [SIM_FLOOR, 1], all in place.
-    sim = _gram(x)
-    sq_norms = np.diagonal(sim, axis1=-2, axis2=-1)
-    if not np.isfinite(sq_norms).all():
-        raise InvalidInputError("anchors contain NaN or infinite values (or overflow float32)")
-    inv_norms = np.float32(1) / np.maximum(np.sqrt(sq_norms), np.float32(NORM_EPS))
-    sim *= inv_norms[..., :, None]
-    sim *= inv_norms[..., None, :]
-    log_sim = np.log(_to_similarity(sim), out=sim)
-    # eq. 11 numerators sim(v_a, v_i)^eta = exp(eta * log sim), each row a divided by its
-    # self-similarity sim(v_a, v_a) (its maximum): the weights are unchanged, but nothing
-    # underflows to 0 / 0 however large eta is.
-    log_sim -= np.diagonal(log_sim, axis1=-2, axis2=-1).copy()[..., :, None]
-    log_sim *= eta32
-    powered = np.exp(log_sim, out=log_sim).reshape(-1, m_o * m_o)
-    terms = powered @ weight_map  # (n, 2 * T * m_o): numerators | their denominators
-    weights: FloatArray = np.divide(terms[:, : t * m_o], terms[:, t * m_o :])  # eq. 11
-    weights = weights.reshape(*x.shape[:-2], t, m_o)
+    m_o, d = x.shape[-2:]
+    # Anchor-major view (m_o, n, d) of the n clusters (no copy for anchor-major input).
+    slot_major = np.moveaxis(x.reshape(-1, m_o, d), 1, 0)
+    weights = _simple_weights(slot_major, eta32)
+    weights = weights.reshape(*x.shape[:-2], -1, m_o)
     return apply_weights(weights, x), weights
+
+
+def _simple_weights(x: FloatArray, eta: np.float32) -> FloatArray:
+    """eq. 11 weights (n, T * m_o) float32 of the n clusters of anchors ``x`` (m_o, n, d).
+
+    Everything before the final GEMM is laid out pair-major, (pairs, n), so that every
+    per-anchor value broadcasts along contiguous rows of length n.
+    """
+    m_o, n, _ = x.shape
+    weight_map = _weight_map(m_o)
+    first, second, diagonal, full = _pair_layout(m_o)
+    # The Gram matrices' upper triangles (pair (i, j), i <= j, per row), one batched dot
+    # product per anchor i; then cosines from the diagonal (the squared norms).
+    sim = np.empty((first.shape[0], n), dtype=np.float32)
+    start = 0
+    for i in range(m_o):
+        np.einsum("jnd,nd->jn", x[i:], x[i], out=sim[start : start + m_o - i])
+        start += m_o - i
+    inv_norms = sim.take(diagonal, axis=0)
+    if not np.isfinite(inv_norms).all():
+        raise InvalidInputError("anchors contain NaN or infinite values (or overflow float32)")
+    np.sqrt(inv_norms, out=inv_norms)
+    np.maximum(inv_norms, np.float32(NORM_EPS), out=inv_norms)
+    np.divide(np.float32(1), inv_norms, out=inv_norms)
+    scale = inv_norms.take(first, axis=0)
+    scale *= inv_norms.take(second, axis=0)
+    sim *= scale
+    # spec §4's mapping to [SIM_FLOOR, 1], then eq. 11 numerators sim(v_a, v_i)^eta =
+    # exp(eta * log sim), each row a divided by its self-similarity sim(v_a, v_a) (its
+    # maximum): the weights are unchanged, but nothing underflows to 0 / 0 however large
+    # eta is.
+    log_sim = np.log(_to_similarity(sim), out=sim)
+    powered = log_sim.take(full, axis=0).reshape(m_o, m_o, n)  # (a, i, n)
+    powered -= log_sim.take(diagonal, axis=0)[:, None, :]
+    powered *= eta
+    np.exp(powered, out=powered)
+    # (n, 2 * T * m_o): numerators | their denominators, from the pair-major layout read
+    # transposed by the GEMM itself.
+    terms = powered.reshape(m_o * m_o, n).T @ weight_map
+    t_m = weight_map.shape[1] // 2
+    weights: FloatArray = np.divide(terms[:, :t_m], terms[:, t_m:])  # eq. 11
+    return weights
+
+
+@lru_cache(maxsize=64)
+def _pair_layout(m_o: int) -> tuple[IdArray, IdArray, IdArray, IdArray]:
+    """Rows of the upper-triangle layout used by :func:`_simple_weights`.
+
+    Pairs (i, j), i <= j, are ordered by i then j. Returns the ``first`` and ``second``
+    anchor of each pair, the rows of the ``diagonal`` pairs (i, i), and for every full
+    index ``a * m_o + i`` the row of pair (min(a, i), max(a, i)).
+    """
+    first, second = np.triu_indices(m_o)
+    row = np.zeros((m_o, m_o), dtype=np.int64)
+    row[first, second] = np.arange(first.shape[0])
+    row[second, first] = row[first, second]
+    layout = (first.astype(np.int64), second.astype(np.int64), np.diagonal(row).copy(), row.ravel())
+    for array in layout:
+        array.setflags(write=False)
+    return layout
 
 
 def hard_interpolation(
@@ -300,20 +343,6 @@ def edis_from_rows(
     if not hard_valid.all():
         virtual_hard[~hard_valid] = 0.0
     return EdisResult(virtual_simple, weights, virtual_hard, hard_valid)
-
-
-def _gram(x: FloatArray) -> FloatArray:
-    """(..., m, m) float32 Gram matrices of ``x`` (..., m, d).
-
-    One batched dot product per row of the upper triangle, mirrored below: on these tiny
-    matrices this beats numpy's batched matmul, which pays a BLAS call per matrix.
-    """
-    m = x.shape[-2]
-    gram = np.empty((*x.shape[:-1], m), dtype=np.float32)
-    for i in range(m):
-        np.einsum("...jd,...d->...j", x[..., i:, :], x[..., i, :], out=gram[..., i, i:])
-        gram[..., i + 1 :, i] = gram[..., i, i + 1 :]
-    return gram
 
 
 def _similarity(unit_a: FloatArray, unit_b: FloatArray) -> FloatArray:
