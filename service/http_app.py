@@ -331,6 +331,12 @@ def delete_version(version: str, store: Store) -> dict[str, str]:
 def _store_call(call: Callable[[], T]) -> T:
     try:
         return call()
+    except redis.exceptions.NoPermissionError as exc:
+        # Serving replicas normally hold a read-only Redis user (deploy/redis/users.acl).
+        raise PermissionDeniedError(
+            f"this replica's Redis user may not write ({exc}); publish with `esans publish` "
+            "and a read-write user, or point an admin replica's ESANS_REDIS_URL at one"
+        ) from exc
     except redis.RedisError as exc:
         raise UnavailableError(f"the codebook store (Redis) is unreachable: {exc}") from exc
 

@@ -32,8 +32,24 @@ _TENSOR_OVERHEAD_BYTES = 64
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
+def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: the cgroup v2 quota (a container's CPU limit) if one is
+    set, else the CPU affinity mask, else os.cpu_count()."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
 def _default_concurrency() -> int:
-    return 2 * (os.cpu_count() or 1)
+    return 2 * available_cpus()
 
 
 def response_bytes(batch: int, m_c: int, m_o: int, m_h: int, embedding_dim: int = 0) -> int:

@@ -428,3 +428,29 @@ def test_readyz_tells_the_truth_through_a_redis_outage(fresh_redis: EmbeddedRedi
             assert draining.status_code == 503 and draining.json()["draining"]
     finally:
         runtime.stop(grace=0)
+
+
+def test_admin_write_with_a_read_only_redis_user_is_403(redis_server: EmbeddedRedis) -> None:
+    """A replica on the read-only ACL user (as deployed) says why an admin write cannot work."""
+    with redis_server.client() as client:
+        store = CodebookStore(client, namespace="http-ro")
+        old = store.publish(artifact_to_files(build_random_artifact(seed=9)))
+        store.publish(artifact_to_files(build_random_artifact(seed=10)))
+        client.execute_command(
+            "ACL", "SETUSER", "ro-test", "on", ">ro-secret", "~*", "&*", "+@read", "+subscribe",
+            "+ping", "+client|setinfo",
+        )  # fmt: skip
+    url = redis_server.url.replace("redis://", "redis://ro-test:ro-secret@")
+    runtime = ServiceRuntime(_settings(url, "http-ro", admin_token=TOKEN)).start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{runtime.http_port}", timeout=10) as http:
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            before = http.get("/admin/versions", headers=auth).json()
+            reply = http.delete(f"/admin/versions/{old}", headers=auth)
+            message = _error(reply, 403, "PERMISSION_DENIED")
+            assert "may not write" in message
+            assert http.get("/admin/versions", headers=auth).json() == before
+    finally:
+        runtime.stop(grace=0)
+        with redis_server.client() as client:
+            client.execute_command("ACL", "DELUSER", "ro-test")

@@ -64,3 +64,21 @@ def test_secret_is_not_echoed_in_errors() -> None:
 
 def test_explicit_message_limit_is_kept() -> None:
     assert Settings(grpc_max_message_bytes=8 * 2**20).grpc_max_message_bytes == 8 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected_at_most"),
+    [("200000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None), ("garbage", None)],
+)
+def test_available_cpus_honours_a_container_cpu_limit(
+    tmp_path: Path, cpu_max: str, expected_at_most: int | None
+) -> None:
+    from service.settings import available_cpus
+
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    cpus = available_cpus(path)
+    assert cpus >= 1
+    if expected_at_most is not None:
+        assert cpus <= expected_at_most
+    assert available_cpus(tmp_path / "absent") >= cpus
