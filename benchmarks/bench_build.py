@@ -63,7 +63,8 @@ def _child(args: argparse.Namespace, widths: dict[str, int]) -> None:
     import numpy as np
     import torch
 
-    from esans_sampler.msac import MSACConfig, MSACModel, train_msac
+    from esans_sampler.msac import MSACConfig, train_msac
+    from esans_sampler.msac_model import MSACModel
     from esans_sampler.synthetic import adjusted_rand_index
 
     torch.set_num_threads(args.threads)

@@ -14,18 +14,17 @@ Only ``.npy``/``.npz`` (loaded with ``allow_pickle=False``) and JSON are used. T
 files are written byte-for-byte deterministically (canonical dtypes, C order, fixed zip
 timestamps), so the version - a SHA-256 over the sorted (file name, file sha256) pairs -
 identifies the content: the same codebook, index, distribution and snapshot always get the
-same version, whatever the metadata.
+same version, whatever the metadata. The byte-level encoding of each file is
+``artifact_codec.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 import uuid
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +33,21 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from esans_sampler.artifact_codec import (
+    F32,
+    F64,
+    codebook_npz_bytes,
+    index_npz_bytes,
+    load_npy,
+    metadata_json,
+    npy_bytes,
+    read_codebook,
+    read_index,
+    typed,
+)
 from esans_sampler.cluster_index import ClusterIndex
 from esans_sampler.codebook import Codebook
-from esans_sampler.errors import ArtifactError, InvalidInputError, NotFoundError
+from esans_sampler.errors import ArtifactError, NotFoundError
 
 FORMAT_NAME = "esans-codebook"
 FORMAT_VERSION = 1
@@ -51,13 +62,6 @@ DATA_FILES = (*REQUIRED_FILES, EMBEDDINGS_FILE, POPULARITY_FILE)
 SHORT_VERSION_CHARS = 16
 
 _ROW_SUM_ATOL = 1e-6
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-# Canonical little-endian dtypes of every stored array, so the bytes never depend on the
-# byte order, memory layout or dtype the caller happened to hold.
-_F32 = np.dtype("<f4")
-_F64 = np.dtype("<f8")
-_I32 = np.dtype("<i4")
-_I64 = np.dtype("<i8")
 
 
 @dataclass(frozen=True, eq=False)  # identity equality: fields hold arrays
@@ -96,7 +100,7 @@ class CodebookArtifact:
             _check_popularity(self.popularity, index.num_items)
         if not isinstance(self.metadata, dict):
             raise ArtifactError(f"metadata must be a dict, got {type(self.metadata).__name__}")
-        _metadata_json(self.metadata)
+        metadata_json(self.metadata)
 
     @property
     def digest(self) -> str:
@@ -172,75 +176,19 @@ def _check_embeddings(embeddings: npt.NDArray[Any], num_items: int) -> None:
         raise ArtifactError(f"{src}: embeddings contain NaN or inf")
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _metadata_json(metadata: Mapping[str, Any]) -> Any:
-    """``metadata`` as plain JSON values (numpy scalars/arrays converted)."""
-    try:
-        return json.loads(json.dumps(metadata, default=_json_default, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"metadata is not JSON-serialisable: {exc}") from exc
-
-
 # ----------------------------------------------------------------------------- writing
 
 
-def _npy_bytes(array: npt.NDArray[Any], dtype: np.dtype[Any]) -> bytes:
-    buffer = io.BytesIO()
-    np.lib.format.write_array(buffer, np.asarray(array, dtype=dtype, order="C"), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _npz_bytes(arrays: Mapping[str, tuple[npt.NDArray[Any], np.dtype[Any]]]) -> bytes:
-    """An uncompressed ``.npz`` (readable by ``np.load``) with fixed timestamps."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for key, (array, dtype) in arrays.items():
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
-            info.create_system = 3
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, _npy_bytes(array, dtype))
-    return buffer.getvalue()
-
-
 def _data_files(artifact: CodebookArtifact) -> dict[str, bytes]:
-    cb, index = artifact.codebook, artifact.index
-    # Unicode (never object) array; only its byte order needs fixing.
-    names = np.array(cb.modality_names, dtype=np.str_)
-    codebook_arrays: dict[str, tuple[npt.NDArray[Any], np.dtype[Any]]] = {
-        "modality_names": (names, names.dtype.newbyteorder("<")),
-        "primary_codewords": (cb.primary_codewords, _F32),
-        "secondary_codewords": (cb.secondary_codewords, _F32),
-    }
-    for m, (weight, bias) in enumerate(zip(cb.map_weights, cb.map_biases, strict=True)):
-        codebook_arrays[f"map_weight_{m}"] = (weight, _F32)
-        codebook_arrays[f"map_bias_{m}"] = (bias, _F32)
     files = {
-        CODEBOOK_FILE: _npz_bytes(codebook_arrays),
-        INDEX_FILE: _npz_bytes(
-            {
-                "item_ids": (index.item_ids, _I64),
-                "primary": (index.primary, _I32),
-                "secondary": (index.secondary, _I32),
-                "ordered_rows": (index.ordered_rows, _I64),
-                "cluster_offsets": (index.cluster_offsets, _I64),
-                "fine_offsets": (index.fine_offsets, _I64),
-                "num_primary": (np.array(index.num_primary), _I64),
-                "num_secondary": (np.array(index.num_secondary), _I64),
-            }
-        ),
-        CLUSTER_CHOICE_FILE: _npy_bytes(artifact.cluster_choice, _F64),
+        CODEBOOK_FILE: codebook_npz_bytes(artifact.codebook),
+        INDEX_FILE: index_npz_bytes(artifact.index),
+        CLUSTER_CHOICE_FILE: npy_bytes(artifact.cluster_choice, F64),
     }
     if artifact.embeddings is not None:
-        files[EMBEDDINGS_FILE] = _npy_bytes(artifact.embeddings, _F32)
+        files[EMBEDDINGS_FILE] = npy_bytes(artifact.embeddings, F32)
     if artifact.popularity is not None:
-        files[POPULARITY_FILE] = _npy_bytes(artifact.popularity, _F64)
+        files[POPULARITY_FILE] = npy_bytes(artifact.popularity, F64)
     return files
 
 
@@ -291,7 +239,7 @@ def artifact_to_files(artifact: CodebookArtifact) -> dict[str, bytes]:
         },
         # Insertion order is kept (not sorted): metadata dicts such as modality widths are
         # ordered. The manifest is not hashed into the version, so this costs nothing.
-        "metadata": _metadata_json(artifact.metadata),
+        "metadata": metadata_json(artifact.metadata),
     }
     files[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
     return files
@@ -345,94 +293,6 @@ def manifest_of(files: Mapping[str, bytes]) -> dict[str, Any]:
     return manifest
 
 
-def _load_npy(name: str, data: bytes) -> npt.NDArray[Any]:
-    try:
-        loaded = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise ArtifactError(f"{name}: not a readable .npy array ({exc})") from exc
-    if not isinstance(loaded, np.ndarray):
-        raise ArtifactError(f"{name}: expected a single .npy array")
-    return loaded
-
-
-def _load_npz(name: str, data: bytes, keys: list[str]) -> dict[str, npt.NDArray[Any]]:
-    try:
-        npz = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise ArtifactError(f"{name}: not a readable .npz archive ({exc})") from exc
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ArtifactError(f"{name}: expected an .npz archive, got a single array")
-    try:
-        missing = [key for key in keys if key not in npz.files]
-        if missing:
-            raise ArtifactError(f"{name}: lacks array(s) {missing}")
-        arrays = {key: npz[key] for key in keys}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise ArtifactError(f"{name}: unreadable array in .npz archive ({exc})") from exc
-    finally:
-        npz.close()
-    for key, value in arrays.items():
-        if not isinstance(value, np.ndarray):  # NpzFile returns raw bytes for non-.npy members
-            raise ArtifactError(f"{name}: member {key!r} is not a .npy array")
-    return arrays
-
-
-def _typed(name: str, key: str, array: npt.NDArray[Any], kind: str, ndim: int) -> npt.NDArray[Any]:
-    if array.dtype.kind != kind or array.ndim != ndim:
-        raise ArtifactError(
-            f"{name}: {key!r} has dtype {array.dtype} and {array.ndim} dims, expected kind "
-            f"{kind!r} and {ndim} dims"
-        )
-    return array
-
-
-def _read_codebook(data: bytes) -> Codebook:
-    name = CODEBOOK_FILE
-    head = _load_npz(name, data, ["modality_names", "primary_codewords", "secondary_codewords"])
-    names = _typed(name, "modality_names", head["modality_names"], "U", 1)
-    m = int(names.shape[0])
-    per_modality = [f"map_weight_{i}" for i in range(m)] + [f"map_bias_{i}" for i in range(m)]
-    maps = _load_npz(name, data, per_modality)
-    try:
-        return Codebook(
-            modality_names=tuple(str(n) for n in names),
-            map_weights=tuple(
-                _typed(name, f"map_weight_{i}", maps[f"map_weight_{i}"], "f", 2) for i in range(m)
-            ),
-            map_biases=tuple(
-                _typed(name, f"map_bias_{i}", maps[f"map_bias_{i}"], "f", 1) for i in range(m)
-            ),
-            primary_codewords=_typed(name, "primary_codewords", head["primary_codewords"], "f", 2),
-            secondary_codewords=_typed(
-                name, "secondary_codewords", head["secondary_codewords"], "f", 2
-            ),
-        )
-    except InvalidInputError as exc:
-        raise ArtifactError(f"{name}: inconsistent codebook ({exc})") from exc
-
-
-def _read_index(data: bytes) -> ClusterIndex:
-    name = INDEX_FILE
-    keys = ["item_ids", "primary", "secondary", "ordered_rows", "cluster_offsets", "fine_offsets"]
-    arrays = _load_npz(name, data, [*keys, "num_primary", "num_secondary"])
-    for key in keys:
-        _typed(name, key, arrays[key], "i", 1)
-    k_p = int(_typed(name, "num_primary", arrays["num_primary"], "i", 0))
-    k_s = int(_typed(name, "num_secondary", arrays["num_secondary"], "i", 0))
-    try:
-        index = ClusterIndex.build(
-            arrays["item_ids"], arrays["primary"], arrays["secondary"], k_p, k_s
-        )
-    except InvalidInputError as exc:
-        raise ArtifactError(f"{name}: inconsistent index ({exc})") from exc
-    for key in ("ordered_rows", "cluster_offsets", "fine_offsets"):
-        if not np.array_equal(arrays[key], getattr(index, key)):
-            raise ArtifactError(
-                f"{name}: stored {key!r} does not match the index rebuilt from ids and codes"
-            )
-    return index
-
-
 def artifact_from_files(files: Mapping[str, bytes], verify: bool = True) -> CodebookArtifact:
     """Rebuild an artifact from :func:`artifact_to_files` output, refusing anything damaged.
 
@@ -453,30 +313,30 @@ def artifact_from_files(files: Mapping[str, bytes], verify: bool = True) -> Code
             )
         if verify and _sha256(data) != entry["sha256"]:
             raise ArtifactError(f"{name}: checksum mismatch, the file is corrupted")
-    codebook = _read_codebook(files[CODEBOOK_FILE])
-    index = _read_index(files[INDEX_FILE])
-    choice = _typed(
+    codebook = read_codebook(CODEBOOK_FILE, files[CODEBOOK_FILE])
+    index = read_index(INDEX_FILE, files[INDEX_FILE])
+    choice = typed(
         CLUSTER_CHOICE_FILE,
         "cluster_choice",
-        _load_npy(CLUSTER_CHOICE_FILE, files[CLUSTER_CHOICE_FILE]),
+        load_npy(CLUSTER_CHOICE_FILE, files[CLUSTER_CHOICE_FILE]),
         "f",
         2,
     )
     embeddings = None
     if EMBEDDINGS_FILE in entries:
-        embeddings = _typed(
+        embeddings = typed(
             EMBEDDINGS_FILE,
             "embeddings",
-            _load_npy(EMBEDDINGS_FILE, files[EMBEDDINGS_FILE]),
+            load_npy(EMBEDDINGS_FILE, files[EMBEDDINGS_FILE]),
             "f",
             2,
         )
     popularity = None
     if POPULARITY_FILE in entries:
-        popularity = _typed(
+        popularity = typed(
             POPULARITY_FILE,
             "popularity",
-            _load_npy(POPULARITY_FILE, files[POPULARITY_FILE]),
+            load_npy(POPULARITY_FILE, files[POPULARITY_FILE]),
             "f",
             1,
         )

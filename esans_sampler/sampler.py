@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from esans_sampler.cluster_choice import AliasTable, cluster_choice_matrix, validate_gamma
 from esans_sampler.cluster_index import ClusterIndex
+from esans_sampler.draws import fill_distinct
 from esans_sampler.errors import FailedPreconditionError, InvalidInputError
 
 IdArray = npt.NDArray[np.int64]
@@ -33,10 +34,6 @@ CodeArray = npt.NDArray[np.int32]
 LogQArray = npt.NDArray[np.float32]
 FloatArray = npt.NDArray[np.float64]
 
-# Rejection rounds of the hard draw before the remaining rows go to Floyd's algorithm.
-_HARD_REJECTION_ROUNDS = 3
-# Up to this many hard slots, repeats are found by comparing all slot pairs; beyond, by sorting.
-_PAIRWISE_REPEAT_CHECK_MAX = 16
 _CHOICE_CACHE_SIZE = 8
 # Columns of the per-fine-cell table of EsansSampler.
 _CELL_CLUSTER_START, _CELL_START, _CELL_SIZE, _CELL_AVAILABLE = range(4)
@@ -328,7 +325,7 @@ class EsansSampler:
         cell = self._cell_table.take(fine, axis=0)
         available = cell[:, _CELL_AVAILABLE]
         may_be_short = self._min_hard_available <= m_h
-        counts = _fill_distinct(position, u.reshape(m_h, batch), available, may_be_short, rng)
+        counts = fill_distinct(position, u.reshape(m_h, batch), available, may_be_short, rng)
         # Candidate k sits at cluster start + k, shifted past the fine cell once k reaches it.
         position += cell[:, _CELL_CLUSTER_START]
         shift = position >= cell[:, _CELL_START]
@@ -409,116 +406,3 @@ def _position_records(
     np.subtract(ids, base, out=pairs[:, 1], casting="unsafe")
     records = pairs.view(np.dtype((np.void, 2 * field.itemsize))).ravel()
     return records, field, np.int64(base)
-
-
-def draw_distinct(available: IdArray, m: int, rng: np.random.Generator) -> tuple[IdArray, IdArray]:
-    """Per row, min(m, A) distinct integers from [0, A) in uniformly random order.
-
-    available: (B,) int64 A per row. Returns picks (B, m) int64 (0 past the count) and
-    counts (B,) int64 = min(m, A). Every ordered selection of distinct values is equally
-    likely, so each slot is uniform over [0, A).
-
-    Rows with A > m try m draws with replacement and keep them if all differ, which is
-    exactly uniform over distinct ordered tuples; rows still rejected after a few rounds, and
-    rows with A <= m, use Floyd's algorithm followed by a random shuffle, which has the same
-    law. With A much larger than m nearly every row is accepted at once.
-    """
-    picks = np.empty((m, available.shape[0]), dtype=np.int64)
-    counts = _fill_distinct(picks, rng.random(picks.shape), available, True, rng)
-    if counts is None:
-        counts = np.full(available.shape[0], m, dtype=np.int64)
-    return np.ascontiguousarray(picks.T), counts
-
-
-def _fill_distinct(
-    picks: IdArray,
-    u: FloatArray,
-    available: npt.NDArray[np.integer],
-    may_be_short: bool,
-    rng: np.random.Generator,
-) -> IdArray | None:
-    """:func:`draw_distinct` written into ``picks`` (m, B), slot-major, from uniforms ``u``.
-
-    ``u`` (m, B) float64 is overwritten. Returns the counts (B,) int64, or None when every
-    row got m picks. ``may_be_short`` False promises every A > m (skips that check).
-    """
-    m = picks.shape[0]
-    u *= available
-    # floor(u * n) < n for every double u < 1 and integer n < 2**53, so no clamp is needed.
-    np.copyto(picks, u, casting="unsafe")
-    small = available <= m if may_be_short else None
-    if small is not None and small.any():
-        # Cannot be filled by rejection (A < m) or rarely so (A == m): Floyd's algorithm.
-        pending = np.flatnonzero(_has_repeat(picks) & ~small)
-    else:
-        small = None
-        pending = np.flatnonzero(_has_repeat(picks))
-        if pending.size == 0:
-            return None
-    for _ in range(_HARD_REJECTION_ROUNDS - 1):
-        if pending.size == 0:
-            break
-        # Redraw whole rows: a row kept only once all its slots differ is exactly uniform.
-        draw = _uniform_below(available[pending], m, rng)
-        picks[:, pending] = draw  # rows that clash again are redrawn below
-        pending = pending[_has_repeat(draw)]
-    rest = pending if small is None else np.concatenate((np.flatnonzero(small), pending))
-    if rest.size:
-        picks[:, rest] = _floyd_shuffled(available[rest].astype(np.int64), m, rng).T
-    if small is None:
-        return None
-    counts: IdArray = np.minimum(available, m).astype(np.int64)
-    return counts
-
-
-def _uniform_below(bound: npt.NDArray[np.integer], m: int, rng: np.random.Generator) -> IdArray:
-    """(m, R) int64 independent uniform integers in [0, bound[r]) (0 where bound is 0)."""
-    u = rng.random((m, bound.shape[0]))
-    u *= bound
-    # floor(u * n) < n for every double u < 1 and integer n < 2**53, so no clamp is needed.
-    drawn: IdArray = u.astype(np.int64)
-    return drawn
-
-
-def _has_repeat(values: IdArray) -> npt.NDArray[np.bool_]:
-    """(R,) bool: whether column r of values (m, R) holds some value twice."""
-    m, r = values.shape
-    if m < 2:
-        return np.zeros(r, dtype=np.bool_)
-    if m <= _PAIRWISE_REPEAT_CHECK_MAX:
-        # Every pair (i, i + lag), one comparison call per lag, into one (m(m-1)/2, R) array.
-        equal = np.empty((m * (m - 1) // 2, r), dtype=np.bool_)
-        start = 0
-        for lag in range(1, m):
-            np.equal(values[lag:], values[:-lag], out=equal[start : start + m - lag])
-            start += m - lag
-        repeat: npt.NDArray[np.bool_] = np.logical_or.reduce(equal, axis=0)
-        return repeat
-    ordered = np.sort(values, axis=0)
-    found: npt.NDArray[np.bool_] = np.logical_or.reduce(ordered[1:] == ordered[:-1], axis=0)
-    return found
-
-
-def _floyd_shuffled(available: IdArray, m: int, rng: np.random.Generator) -> IdArray:
-    """Floyd's subset algorithm vectorised over rows (loop over the m steps), then shuffled.
-
-    available: (R,) int64 A >= 1. Returns (R, m) int64: min(m, A) distinct values of [0, A)
-    in uniformly random order, then 0 as padding.
-    """
-    rows = available.shape[0]
-    take = np.minimum(available, m)
-    chosen = np.zeros((rows, m), dtype=np.int64)
-    # Floyd: for j = A - t .. A - 1 draw x in [0, j]; take x unless already taken, then j.
-    for step in range(m):
-        j = available - take + step  # only meaningful where step < take
-        u = rng.random(rows)
-        x = np.minimum((u * (j + 1)).astype(np.int64), j)
-        taken = (chosen[:, :step] == x[:, None]).any(axis=1)
-        chosen[:, step] = np.where(taken, j, x)
-    # Floyd picks a uniform subset but not a uniform order: shuffle the real entries.
-    filled = np.arange(m) < take[:, None]
-    keys = np.where(filled, rng.random((rows, m)), np.inf)
-    order = np.argsort(keys, axis=1, kind="stable")
-    shuffled = np.take_along_axis(chosen, order, axis=1)
-    result: IdArray = np.where(filled, shuffled, 0)
-    return result

@@ -13,6 +13,7 @@ import numpy.typing as npt
 import pytest
 
 from esans_sampler import artifact as artifact_module
+from esans_sampler import artifact_codec
 from esans_sampler.artifact import (
     CodebookArtifact,
     artifact_from_files,
@@ -351,7 +352,7 @@ def test_constructor_validates() -> None:
 
 
 def test_no_pickle_in_module() -> None:
-    source = inspect.getsource(artifact_module)
+    source = inspect.getsource(artifact_module) + inspect.getsource(artifact_codec)
     assert "import pickle" not in source and "allow_pickle=True" not in source
     loads = [line for line in source.splitlines() if "np.load(" in line]
     assert loads and all("allow_pickle=False" in line for line in loads)

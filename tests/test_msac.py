@@ -12,14 +12,8 @@ import pytest
 import torch
 
 from esans_sampler.errors import InvalidInputError
-from esans_sampler.msac import (
-    EpochStats,
-    MSACConfig,
-    MSACModel,
-    MSACResult,
-    reseed_codewords,
-    train_msac,
-)
+from esans_sampler.msac import EpochStats, MSACConfig, MSACResult, train_msac
+from esans_sampler.msac_model import MSACModel, reseed_codewords
 from esans_sampler.synthetic import PlantedCatalogue, adjusted_rand_index, make_planted_catalogue
 
 WIDTHS = {"image": 96, "text": 48, "graph": 16}

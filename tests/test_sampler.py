@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from esans_sampler.cluster_choice import cluster_choice_matrix
 from esans_sampler.cluster_index import ClusterIndex
+from esans_sampler.draws import draw_distinct
 from esans_sampler.errors import FailedPreconditionError, InvalidInputError, UnknownItemError
-from esans_sampler.sampler import EsansSampler, NegativeSample, draw_distinct
+from esans_sampler.sampler import EsansSampler, NegativeSample
 
 ID_OFFSET = 1000
 
