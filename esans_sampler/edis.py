@@ -371,19 +371,30 @@ def _as_float32(x: npt.ArrayLike, name: str) -> FloatArray:
     return out
 
 
+# Beyond these the float32 arithmetic of EDIS overflows (eta scales a log before exp; lambda
+# scales the positive), and they are far past any useful value: at eta = 1000 the weights are
+# already one-hot on the anchor, and lambda = -1000 pushes a virtual hard negative 1000
+# embedding-lengths away.
+MAX_ETA = 1_000.0
+MIN_LAMBDA = -1_000.0
+
+
 def check_eta(eta: float) -> float:
-    """``eta`` as a float; raises :class:`InvalidInputError` unless finite and >= 0."""
+    """``eta`` as a float; raises :class:`InvalidInputError` unless in [0, MAX_ETA]."""
     value = _as_scalar(eta, "eta")
-    if not math.isfinite(value) or value < 0:
-        raise InvalidInputError(f"eta must be finite and >= 0, got {eta!r}")
+    if not (math.isfinite(value) and 0 <= value <= MAX_ETA):
+        raise InvalidInputError(f"eta must be a finite number in [0, {MAX_ETA:g}], got {eta!r}")
     return value
 
 
 def check_lam(lam: float) -> float:
-    """``lam`` as a float; raises :class:`InvalidInputError` unless finite and < 1."""
+    """``lam`` as a float; raises :class:`InvalidInputError` unless in [MIN_LAMBDA, 1)."""
     value = _as_scalar(lam, "lam")
-    if not math.isfinite(value) or value >= 1:
-        raise InvalidInputError(f"lam must be finite and < 1, got {lam!r}")
+    if not (math.isfinite(value) and MIN_LAMBDA <= value < 1):
+        raise InvalidInputError(
+            f"lambda must be a finite number in [{MIN_LAMBDA:g}, 1), got {lam!r} "
+            "(1 would put every virtual hard negative on its positive)"
+        )
     return value
 
 

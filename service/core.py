@@ -19,7 +19,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from esans_sampler.edis import edis_from_rows, gather_rows
+from esans_sampler.edis import MAX_ETA, MIN_LAMBDA, edis_from_rows, gather_rows
 from esans_sampler.errors import (
     FailedPreconditionError,
     InvalidInputError,
@@ -259,14 +259,14 @@ class SamplingService:
             if gamma < 0:
                 raise InvalidInputError(f"gamma must be a finite number >= 0, got {gamma}")
         eta = _real("eta", s.default_eta if request.eta is None else request.eta, "finite >= 0")
-        if eta < 0:
-            raise InvalidInputError(f"eta must be a finite number >= 0, got {eta}")
+        if not 0 <= eta <= MAX_ETA:
+            raise InvalidInputError(f"eta must be a finite number in [0, {MAX_ETA:g}], got {eta}")
         lam = request.hard_lambda
         lam = _real("hard_lambda", s.default_hard_lambda if lam is None else lam, "finite < 1")
-        if lam >= 1:
+        if not MIN_LAMBDA <= lam < 1:
             raise InvalidInputError(
-                f"hard_lambda must be a finite number < 1, got {lam} (1 would put every virtual "
-                "hard negative on its positive)"
+                f"hard_lambda must be a finite number in [{MIN_LAMBDA:g}, 1), got {lam} (1 would "
+                "put every virtual hard negative on its positive)"
             )
         return _Resolved(
             ids=ids.astype(np.int64, copy=False),

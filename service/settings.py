@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from esans_sampler.edis import MAX_ETA, MIN_LAMBDA
 from esans_sampler.errors import InvalidInputError
 
 ENV_PREFIX = "ESANS_"
@@ -120,8 +121,8 @@ class Settings(BaseSettings):
     default_m_c: int = Field(default=2, ge=1)
     default_m_o: int = Field(default=5, ge=1)
     default_m_h: int = Field(default=5, ge=0)
-    default_eta: float = Field(default=0.6, ge=0)
-    default_hard_lambda: float = Field(default=0.1, lt=1)
+    default_eta: float = Field(default=0.6, ge=0, le=MAX_ETA)
+    default_hard_lambda: float = Field(default=0.1, ge=MIN_LAMBDA, lt=1)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ import pytest
 
 from esans_sampler import edis
 from esans_sampler.edis import (
+    MAX_ETA,
     SIM_FLOOR,
     apply_weights,
     edis_from_rows,
@@ -136,14 +137,14 @@ def test_large_eta_stays_finite_and_favours_the_anchor() -> None:
     rng = np.random.default_rng(2)
     anchors = rng.standard_normal((2, 1, 5, 4)).astype(np.float32)
     anchors[0, 0, 3] = 0.0  # a zero vector too
-    virtual, weights = simple_interpolation(anchors, eta=1e4)
+    virtual, weights = simple_interpolation(anchors, eta=MAX_ETA)
     assert np.isfinite(virtual).all() and np.isfinite(weights).all()
     anchor_idx, _ = interpolation_schedule(5)
     own = np.take_along_axis(weights[1, 0], anchor_idx[:, None], axis=1)[:, 0]
     assert np.allclose(own, 1.0, atol=1e-4)
 
 
-@pytest.mark.parametrize("eta", [-0.1, float("nan"), float("inf"), "x"])
+@pytest.mark.parametrize("eta", [-0.1, float("nan"), float("inf"), "x", 1000.5, 1e39])
 def test_bad_eta_rejected(eta: float) -> None:
     with pytest.raises(InvalidInputError, match="eta"):
         simple_interpolation(np.ones((1, 1, 3, 2), dtype=np.float32), eta)
@@ -172,7 +173,7 @@ def test_hard_interpolation(lam: float) -> None:
     assert np.allclose(out, lam * pos[:, None, :] + (1 - lam) * hard, atol=1e-6)
 
 
-@pytest.mark.parametrize("lam", [1.0, 1.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("lam", [1.0, 1.5, float("nan"), float("inf"), -1000.5, -1e39])
 def test_bad_lam_rejected(lam: float) -> None:
     with pytest.raises(InvalidInputError, match="lam"):
         hard_interpolation(np.ones((2, 3), np.float32), np.ones((2, 1, 3), np.float32), lam)
