@@ -43,6 +43,10 @@ def error_for(code: str, message: str) -> errors.EsansError:
     """The library exception for a status ``code`` name (``"INVALID_ARGUMENT"``, ...)."""
     if code == "DEADLINE_EXCEEDED":
         return DeadlineExceededError(message)
+    if code == "CANCELLED":
+        # A replica that starts draining cancels calls that reach it in that instant. Both RPCs
+        # are read-only, so the call is retried like UNAVAILABLE.
+        return errors.UnavailableError(f"the server cancelled the call (draining?): {message}")
     return _ERRORS_BY_CODE.get(code, errors.EsansError)(message)
 
 

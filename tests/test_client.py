@@ -137,3 +137,12 @@ def test_esans_loss_trains_both_towers_from_a_live_response(
     assert torch.isfinite(loss)
     assert table.weight.grad is not None and table.weight.grad.abs().sum() > 0
     assert user_tower.weight.grad is not None and user_tower.weight.grad.abs().sum() > 0
+
+
+def test_cancelled_is_retryable_like_unavailable() -> None:
+    from esans_sampler.client import DeadlineExceededError, error_for
+
+    assert isinstance(error_for("CANCELLED", "x"), UnavailableError)
+    assert isinstance(error_for("UNAVAILABLE", "x"), UnavailableError)
+    assert isinstance(error_for("DEADLINE_EXCEEDED", "x"), DeadlineExceededError)
+    assert isinstance(error_for("INVALID_ARGUMENT", "x"), InvalidInputError)
