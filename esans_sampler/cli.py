@@ -420,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     _add_serve_parser(sub)
     _add_publish_parser(sub)
+    sub.add_parser(  # parsed by esans_eval.cli, which needs the `eval` extra
+        "eval", add_help=False, help="Recall@50/200 of a two-tower model trained on negatives "
+        "from the service: UNS, PNS, MNS, ESANS, ablations (esans eval --help)",
+    )  # fmt: skip
     return parser
 
 
@@ -433,7 +437,12 @@ _COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["eval"]:
+        from esans_eval.cli import main as eval_main
+
+        return eval_main(arguments[1:], prog="esans eval")
+    args = build_parser().parse_args(arguments)
     try:
         return _COMMANDS[args.command](args)
     except (EsansError, FileNotFoundError) as exc:
