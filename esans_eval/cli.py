@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from esans_eval.datasets import DatasetError, ItemSchema, load_dataset, load_movielens
 from esans_eval.experiment import Budget, run_experiment
-from esans_eval.report import write_report
+from esans_eval.report import load_result, recorded_command, write_report
 
 QUICK = Budget(epochs=2, seeds=1, msac_epochs=10, sweep_kp=(16, 32), sweep_ks=(4,), max_steps=None)
 FULL = Budget(epochs=3, seeds=3, max_steps=300, sweep_kp=(16, 32, 64), sweep_ks=(2, 4, 8))
@@ -22,24 +22,59 @@ def parser(prog: str = "python -m esans_eval") -> argparse.ArgumentParser:
         description="Recall@50/200 of a two-tower model trained on negatives from the running "
         "sampler service: UNS, PNS, MNS, ESANS and ablations.",
     )
+    p.add_argument(
+        "--render",
+        metavar="JSON",
+        help="only rewrite the report (and plot) from the JSON of an earlier run, no training",
+    )
     p.add_argument("--quick", action="store_true", help="ML-100K, 2 epochs, 1 seed (CI smoke)")
-    p.add_argument("--dataset", choices=("ml-1m", "ml-100k", "custom"), default=None)
+    p.add_argument(
+        "--dataset",
+        choices=("ml-1m", "ml-100k", "custom"),
+        default=None,
+        help="ml-1m (default), ml-100k (with --quick), or custom TSV files (see README)",
+    )
     p.add_argument("--interactions", help="custom: user_id, item_id, timestamp (TSV)")
     p.add_argument("--items", help="custom: item_id, text, [year], [categories] (TSV)")
     p.add_argument("--category-columns", default="", help="custom: comma-separated columns")
-    p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--max-steps", type=int, default=None, help="steps per epoch cap")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3, quick 1)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 3, quick 2)")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="cap on steps per epoch (default 300, quick: none)",
+    )
     p.add_argument("--max-users", type=int, default=None, help="only the first N users")
-    p.add_argument("--text-encoder", choices=("minilm", "hash"), default="minilm")
-    p.add_argument("--cache-dir", default="var/eval-cache", help="text embeddings cache")
-    p.add_argument("--out", default="docs/results.md")
+    p.add_argument(
+        "--text-encoder",
+        choices=("minilm", "hash"),
+        default="minilm",
+        help="minilm: all-MiniLM-L6-v2 from site-packages (default); hash: bag of words, no model",
+    )
+    p.add_argument(
+        "--cache-dir", default="var/eval-cache", help="text embedding cache (default %(default)s)"
+    )
+    p.add_argument(
+        "--out",
+        default="docs/results.md",
+        help="report; the plot and a JSON of every number go beside it (default %(default)s)",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m esans_eval") -> int:
     """Entry point (also for ``esans eval``). Returns the exit status."""
     args = parser(prog).parse_args(argv)
+    if args.render:
+        try:
+            result, command = load_result(args.render), recorded_command(args.render)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"{prog}: error: cannot read {args.render}: {exc}", file=sys.stderr)
+            return 2
+        path = write_report(result, args.out, command or f"(unrecorded; rendered by {prog})")
+        print(f"wrote {path}")
+        return 0
     name = args.dataset or ("ml-100k" if args.quick else "ml-1m")
     budget = QUICK if args.quick else FULL
     overrides = {

@@ -125,6 +125,11 @@ def test_pipeline_end_to_end_on_a_tiny_subset(tmp_path: Path) -> None:
         assert f"| {name} |" in text
     assert (tmp_path / "results-recall.png").stat().st_size > 0
     assert '"K_p"' in (tmp_path / "results.json").read_text()
+    assert "## Findings" in text and "ESANS vs UNS" in text
+    # The report can be rewritten from its JSON alone, number for number.
+    again = tmp_path / "again" / "results.md"
+    assert main(["--render", str(tmp_path / "results.json"), "--out", str(again)]) == 0
+    assert again.read_text() == text
 
 
 def test_quick_mode_runs_and_metrics_are_sane(tmp_path: Path) -> None:
