@@ -83,10 +83,10 @@ def findings(result: ExperimentResult) -> list[str]:
         best = max((n for n in MAIN if n in groups), key=lambda n: _stats(groups[n], "test", k)[0])
         verdict = _verdict(esans, base, k)
         beyond = {"yes": "beyond", "no": "within", "-": "not comparable with one seed to"}[verdict]
+        paper = " (the paper reports about +15% over UNS on its data)" if k == 50 else ""
         lines.append(
             f"- Recall@{k}: best main method {best}; ESANS vs {BASELINE} "
-            f"{_relative(esans, base, k):+.1f}%, {beyond} the spread over seeds "
-            "(the paper reports about +15% Recall@50 over UNS on its data)."
+            f"{_relative(esans, base, k):+.1f}%, {beyond} the spread over seeds{paper}."
         )
     for name, what in (
         ("ESANS w/o EDIS", "EDIS"),
@@ -162,7 +162,9 @@ def plot_curves(result: ExperimentResult, path: Path) -> None:
             curve = np.mean([[epoch[k] for epoch in r.valid_curve] for r in runs], axis=0)
             style = "-" if name in MAIN else "--"
             ax.plot(np.arange(1, len(curve) + 1), curve, style, marker="o", label=name)
+    epochs = max((len(r.valid_curve) for r in result.runs), default=1)
     for ax, k in zip(axes, KS, strict=True):
+        ax.set_xticks(range(1, epochs + 1))
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"validation Recall@{k}")
         ax.grid(alpha=0.3)
@@ -172,6 +174,11 @@ def plot_curves(result: ExperimentResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _examples_seen(result: ExperimentResult) -> int:
+    steps = [r.steps for r in result.runs]
+    return int(np.median(steps)) * int(result.budget["batch_size"]) if steps else 0
 
 
 def render(result: ExperimentResult, command: str, plot_name: str | None) -> str:
@@ -295,7 +302,8 @@ def render(result: ExperimentResult, command: str, plot_name: str | None) -> str
         f"seed), Adam lr {b['learning_rate']}, {seeds} seed(s). The service runs in-process "
         "(embedded Redis, gRPC on a free port); the trainer uses 1 torch thread.",
         f"- Training examples: {sp['training_examples']} next-item targets from "
-        f"{sp['train_events']} training events.",
+        f"{sp['train_events']} training events; the budget shows each method "
+        f"{_examples_seen(result) / max(sp['training_examples'], 1):.2f} passes over them.",
         "",
     ]
     return "\n".join(lines)
