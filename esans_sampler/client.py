@@ -230,6 +230,12 @@ class SamplerClient(_SamplerClientBase):
             ],
         )
         self._stub = sampler_pb2_grpc.NegativeSamplerStub(self._channel)  # type: ignore[no-untyped-call]
+        # SampleNegatives replies are read by service.wire straight into numpy (no parse copy).
+        self._sample_raw = self._channel.unary_unary(
+            "/esans.v1.NegativeSampler/SampleNegatives",
+            request_serializer=sampler_pb2.SampleNegativesRequest.SerializeToString,
+            response_deserializer=None,
+        )
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -251,7 +257,7 @@ class SamplerClient(_SamplerClientBase):
         request = self._pb2.SampleNegativesRequest(
             **{**fields, "sampler": self._pb2.SamplerKind.Value(kind)}
         )
-        return _response_from_proto(self._call(self._stub.SampleNegatives, request, timeout_s))
+        return _response_from_bytes(self._call(self._sample_raw, request, timeout_s))
 
     def _codebook_info(self, version: str, timeout_s: float) -> dict[str, Any]:
         from google.protobuf.json_format import MessageToDict
@@ -262,36 +268,50 @@ class SamplerClient(_SamplerClientBase):
         return info
 
 
-def _response_from_proto(reply: Any) -> SampleResponse:
-    from service.tensors import from_tensor
+def _response_from_bytes(data: bytes) -> SampleResponse:
+    from service._proto.esans.v1 import sampler_pb2
+    from service.wire import WireFormatError, decode_sample_response
 
-    embeddings = None
-    if reply.HasField("embeddings"):
-        e = reply.embeddings
-        embeddings = SampledEmbeddings(
-            positive=from_tensor(e.positive),
-            simple=from_tensor(e.simple),
-            hard=from_tensor(e.hard),
-            virtual_simple=from_tensor(e.virtual_simple),
-            simple_weights=from_tensor(e.simple_weights),
-            virtual_hard=from_tensor(e.virtual_hard),
-            eta=e.eta,
-            hard_lambda=e.hard_lambda,
+    try:
+        reply = decode_sample_response(data)
+        t = reply.tensors
+        embeddings = None
+        if reply.embeddings is not None:
+            e = reply.embeddings
+            embeddings = SampledEmbeddings(
+                **{name: e[name] for name in _EMBEDDING_NAMES},
+                eta=reply.eta,
+                hard_lambda=reply.hard_lambda,
+            )
+        kind = sampler_pb2.SamplerKind.Name(reply.sampler_kind)
+        return SampleResponse(
+            codebook_version=reply.codebook_version,
+            sampler=kind.removeprefix("SAMPLER_KIND_").lower(),
+            **{name: t[name] for name in _SAMPLE_NAMES},
+            embeddings=embeddings,
         )
-    kind = reply.DESCRIPTOR.fields_by_name["sampler"].enum_type.values_by_number[reply.sampler]
-    return SampleResponse(
-        codebook_version=reply.codebook_version,
-        sampler=kind.name.removeprefix("SAMPLER_KIND_").lower(),
-        positive_primary=from_tensor(reply.positive_primary),
-        positive_secondary=from_tensor(reply.positive_secondary),
-        simple_ids=from_tensor(reply.simple_ids),
-        simple_clusters=from_tensor(reply.simple_clusters),
-        simple_log_q=from_tensor(reply.simple_log_q),
-        hard_ids=from_tensor(reply.hard_ids),
-        hard_counts=from_tensor(reply.hard_counts),
-        hard_log_q=from_tensor(reply.hard_log_q),
-        embeddings=embeddings,
-    )
+    except (WireFormatError, KeyError, ValueError) as exc:
+        raise errors.EsansError(f"malformed SampleNegatives response: {exc}") from exc
+
+
+_SAMPLE_NAMES = (
+    "positive_primary",
+    "positive_secondary",
+    "simple_ids",
+    "simple_clusters",
+    "simple_log_q",
+    "hard_ids",
+    "hard_counts",
+    "hard_log_q",
+)
+_EMBEDDING_NAMES = (
+    "positive",
+    "simple",
+    "hard",
+    "virtual_simple",
+    "simple_weights",
+    "virtual_hard",
+)
 
 
 class HttpSamplerClient(_SamplerClientBase):

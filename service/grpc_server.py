@@ -33,7 +33,7 @@ from service.core import (
 from service.errors import ErrorReport, describe
 from service.metrics import ServiceMetrics
 from service.settings import MIB, Settings
-from service.tensors import fill_tensor
+from service.wire import encode_sample_response
 
 logger = logging.getLogger(__name__)
 
@@ -105,22 +105,18 @@ def request_from_proto(request: sampler_pb2.SampleNegativesRequest) -> SampleReq
     )
 
 
-def response_to_proto(result: SampleResult) -> sampler_pb2.SampleNegativesResponse:
-    """The ``SampleNegativesResponse`` of a :class:`SampleResult`."""
-    response = sampler_pb2.SampleNegativesResponse(
-        codebook_version=result.codebook_version, sampler=_KIND_TO_PROTO[result.sampler]
-    )
-    s = result.sample
-    for name in _SAMPLE_TENSORS:
-        fill_tensor(getattr(response, name), getattr(s, name))
+def response_bytes(result: SampleResult) -> bytes:
+    """The serialised ``SampleNegativesResponse`` of a :class:`SampleResult` (written from
+    the numpy buffers by :mod:`service.wire`, byte-identical to the protobuf classes' output)."""
     e = result.embeddings
-    if e is not None:
-        embeddings = response.embeddings
-        for name in _EMBEDDING_TENSORS:
-            fill_tensor(getattr(embeddings, name), getattr(e, name))
-        embeddings.eta = e.eta
-        embeddings.hard_lambda = e.hard_lambda
-    return response
+    return encode_sample_response(
+        result.codebook_version,
+        _KIND_TO_PROTO[result.sampler],
+        {name: getattr(result.sample, name) for name in _SAMPLE_TENSORS},
+        None if e is None else {name: getattr(e, name) for name in _EMBEDDING_TENSORS},
+        eta=0.0 if e is None else e.eta,
+        hard_lambda=0.0 if e is None else e.hard_lambda,
+    )
 
 
 def info_to_proto(info: CodebookInfo) -> sampler_pb2.GetCodebookInfoResponse:
@@ -158,9 +154,10 @@ class NegativeSamplerServicer(sampler_pb2_grpc.NegativeSamplerServicer):
 
     def SampleNegatives(
         self, request: sampler_pb2.SampleNegativesRequest, context: grpc.ServicerContext
-    ) -> sampler_pb2.SampleNegativesResponse:
+    ) -> bytes:
+        """Returns the response already serialised (see :func:`response_bytes`)."""
         result = self._service.sample(request_from_proto(request), deadline_of(context))
-        return response_to_proto(result)
+        return response_bytes(result)
 
     def GetCodebookInfo(
         self, request: sampler_pb2.GetCodebookInfoRequest, context: grpc.ServicerContext
@@ -245,6 +242,27 @@ class GrpcServer:
         return bool(self.server.wait_for_termination(timeout))
 
 
+def _already_serialised(response: bytes) -> bytes:
+    return response
+
+
+def _sampler_handlers(servicer: NegativeSamplerServicer) -> grpc.GenericRpcHandler:
+    """The generated registration, except that SampleNegatives answers pre-serialised bytes."""
+    handlers = {
+        "SampleNegatives": grpc.unary_unary_rpc_method_handler(
+            servicer.SampleNegatives,
+            request_deserializer=sampler_pb2.SampleNegativesRequest.FromString,
+            response_serializer=_already_serialised,
+        ),
+        "GetCodebookInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetCodebookInfo,
+            request_deserializer=sampler_pb2.GetCodebookInfoRequest.FromString,
+            response_serializer=sampler_pb2.GetCodebookInfoResponse.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
 def create_grpc_server(settings: Settings, service: SamplingService) -> tuple[GrpcServer, int]:
     """An unstarted server bound to ``settings.grpc_host:grpc_port`` (0 = a free port).
 
@@ -263,10 +281,7 @@ def create_grpc_server(settings: Settings, service: SamplingService) -> tuple[Gr
         ],
         maximum_concurrent_rpcs=workers * _QUEUED_PER_WORKER,
     )
-    # The generated module has no annotations.
-    sampler_pb2_grpc.add_NegativeSamplerServicer_to_server(  # type: ignore[no-untyped-call]
-        NegativeSamplerServicer(service), server
-    )
+    server.add_generic_rpc_handlers((_sampler_handlers(NegativeSamplerServicer(service)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
