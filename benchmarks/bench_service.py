@@ -9,6 +9,8 @@ own channel (:class:`SamplerClient`). Every figure and every ratio is measured i
   p99 <= 5 ms; compared with ``EsansSampler.sample`` on the same artifact in this process;
 * with embeddings (EDIS): tensor bytes per second >= 1.2 GB/s; compared with a raw TCP
   socket moving the same bytes per message over loopback (a sink server in a subprocess);
+* the same reply bytes from a bare gRPC Python server that does no work (the transport's
+  ceiling on this machine, with the same thread pool and message limits);
 * Redis commands per warm request = 0: ``INFO commandstats`` before and after the load
   phases, less this benchmark's own INFO call.
 
@@ -339,6 +341,77 @@ def drive_raw(
     return Load(latencies[:done].copy(), done * reply_bytes, 0, "", start, end)
 
 
+# ----------------------------------------------------------------------------- bare gRPC
+
+
+def grpc_sink_main(reply_bytes: int) -> None:
+    """The bare-gRPC baseline server: one unary method answering ``reply_bytes`` prebuilt
+    bytes, with the service's thread pool and message limits and no sampling. Prints its
+    port; exits when its stdin closes."""
+    from concurrent import futures
+
+    import grpc
+
+    reply = bytes(reply_bytes)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16),
+        options=[("grpc.max_send_message_length", 1 << 30)],
+    )
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: reply)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Sink", {"Reply": handler}),)
+    )
+    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+    server.start()
+    sys.stdin.read()
+    server.stop(0)
+
+
+def drive_grpc_sink(
+    port: int, request: bytes, duration_s: float, max_messages: int, barrier: _Waiter
+) -> Load:
+    """One worker of the bare-gRPC baseline: its own channel, raw bytes both ways."""
+    import grpc
+
+    latencies = np.empty(max_messages)
+    options = [("grpc.max_receive_message_length", 1 << 30)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        call = channel.unary_unary("/bench.Sink/Reply")
+        size = 0
+        for _ in range(_WARMUP_CALLS):
+            size = len(call(request, timeout=60))
+        barrier.wait(_BARRIER_TIMEOUT_S)
+        start = time.monotonic()
+        deadline = start + duration_s
+        done = 0
+        while done < max_messages and time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            call(request, timeout=60)
+            latencies[done] = (time.perf_counter() - t0) * 1e3
+            done += 1
+        end = time.monotonic()
+    return Load(latencies[:done].copy(), done * size, 0, "", start, end)
+
+
+def _start_sink(*flags: str) -> tuple[subprocess.Popen[str], int]:
+    sink = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), *flags],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    if sink.stdout is None:
+        raise RuntimeError("the sink has no stdout")
+    return sink, int(sink.stdout.readline())
+
+
+def _stop_sink(sink: subprocess.Popen[str] | None) -> None:
+    if sink is not None:
+        if sink.stdin is not None:
+            sink.stdin.close()
+        _stop_process(sink, grace_s=5.0)
+
+
 # ----------------------------------------------------------------------------- processes
 
 
@@ -482,6 +555,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sampler-repeats", type=int, default=2000, help="in-process calls")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--raw-sink", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--grpc-sink", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -489,6 +563,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.raw_sink:
         raw_sink_main()
+        return
+    if args.grpc_sink:
+        grpc_sink_main(args.grpc_sink)
         return
 
     from esans_sampler.artifact import artifact_to_files
@@ -526,6 +603,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     server: subprocess.Popen[bytes] | None = None
     sink: subprocess.Popen[str] | None = None
+    grpc_sink: subprocess.Popen[str] | None = None
     with tempfile.TemporaryDirectory(prefix="esans-bench-") as tmp:
         work = Path(tmp)
         log_path = work / "serve.log"
@@ -575,15 +653,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             reply_bytes = with_emb.payload_bytes // max(with_emb.requests, 1)
             request = sampler_pb2.SampleNegativesRequest(positive_ids=batches[0].tolist())
             request_bytes = request.ByteSize()
-            sink = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--raw-sink"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            if sink.stdout is None:
-                raise RuntimeError("the raw sink has no stdout")
-            sink_port = int(sink.stdout.readline())
+            sink, sink_port = _start_sink("--raw-sink")
             raw = run_load(
                 lambda barrier: drive_raw(
                     sink_port,
@@ -597,12 +667,26 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "thread",
                 (),
             )
+            _stop_sink(sink)
+            sink = None
+            # Bare gRPC: the same reply bytes from a server that does nothing else.
+            grpc_sink, grpc_sink_port = _start_sink("--grpc-sink", str(reply_bytes))
+            bare = run_load(
+                lambda barrier: drive_grpc_sink(
+                    grpc_sink_port,
+                    request.SerializeToString(),
+                    args.raw_duration,
+                    args.max_requests,
+                    barrier,
+                ),
+                args.concurrency,
+                "thread",
+                (),
+            )
         finally:
             _stop_process(server)
-            if sink is not None:
-                if sink.stdin is not None:
-                    sink.stdin.close()
-                _stop_process(sink, grace_s=5.0)
+            _stop_sink(sink)
+            _stop_sink(grpc_sink)
             redis_server.stop()
 
     # ------------------------------------------------------------------------- report
@@ -611,6 +695,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p50, p99 = ids_only.percentile_ms(50), ids_only.percentile_ms(99)
     gbps = with_emb.payload_bytes / with_emb.seconds / 1e9
     raw_gbps = raw.payload_bytes / raw.seconds / 1e9
+    bare_gbps = bare.payload_bytes / bare.seconds / 1e9
     cpus = os.cpu_count() or 1
     print(
         f"catalogue N={args.items:,} K_p={args.primary} K_s={args.secondary} snapshot d="
@@ -630,7 +715,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{np.percentile(in_process, 99):.3f} ms ({in_process.size} calls); with EDIS + "
         f"gathers: median {edis_ms:.3f} ms"
     )
-    for name, load in (("ids only", ids_only), ("embeddings", with_emb), ("raw socket", raw)):
+    phases = (("ids only", ids_only), ("embeddings", with_emb), ("raw socket", raw))
+    for name, load in (*phases, ("bare gRPC", bare)):
         print(
             f"{name:11s} {load.requests:7d} ok {load.errors:5d} errors in {load.seconds:5.1f} s: "
             f"{load.per_second:8.0f} /s, p50 {load.percentile_ms(50):7.3f} ms, p99 "
@@ -653,6 +739,8 @@ def main(argv: Sequence[str] | None = None) -> None:
          _status(gbps >= PAYLOAD_GB_PER_S_TARGET)),
         ("raw socket GB/s", f"{raw_gbps:.3f}", "", ""),
         ("gRPC / raw socket", f"{gbps / raw_gbps:.2f}", "", ""),
+        ("bare gRPC GB/s", f"{bare_gbps:.3f}", "", ""),
+        ("service / bare gRPC", f"{gbps / bare_gbps:.2f}", "", ""),
         ("Redis cmds / warm req", f"{redis_per_request:.4f}", "= 0",
          _status(redis_per_request <= REDIS_COMMANDS_TARGET)),
     ]  # fmt: skip

@@ -254,12 +254,25 @@ def configure_logging(level: str) -> None:
     logging.getLogger().setLevel(level)
 
 
+def limit_native_threads(threads: int) -> None:
+    """Cap the BLAS/OpenMP pools numpy calls into (EDIS uses einsum/matmul) for this process.
+
+    Requests run in parallel on the gRPC and HTTP threads; a multi-threaded BLAS inside each
+    one oversubscribes the CPUs (measured: embeddings throughput 0.48 -> 0.66 GB/s on 2 vCPUs
+    with 1 thread, ``benchmarks/bench_service.py``).
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)
+
+
 def run_server(settings: Settings) -> None:
     """Run the service until SIGTERM or SIGINT, then drain and stop (for ``esans serve``).
 
     Must be called from the main thread (signal handlers).
     """
     configure_logging(settings.log_level)
+    limit_native_threads(settings.blas_threads)
     stop = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:

@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=2048 * MIB, ge=1, description="admin artifact upload")
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     max_concurrency: int = Field(default_factory=_default_concurrency, ge=1)
+    blas_threads: int = Field(
+        default=1,
+        ge=1,
+        description="BLAS/OpenMP threads per request in `esans serve`; requests already run "
+        "in parallel, so more threads oversubscribe the CPUs",
+    )
     admin_token: SecretStr | None = Field(
         default=None, description=f">= {_MIN_ADMIN_TOKEN_CHARS} chars; None disables /admin"
     )

@@ -64,3 +64,17 @@ def test_serves_and_stops_on_sigterm(redis_server: EmbeddedRedis, tmp_path: Path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_native_thread_pools_are_limited_for_serving() -> None:
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from service.app import limit_native_threads
+
+    before = threadpool_info()
+    try:
+        limit_native_threads(1)
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info())
+    finally:
+        for pool in before:  # leave the test process as it was
+            threadpool_limits(limits=pool["num_threads"], user_api=pool["user_api"])
