@@ -51,6 +51,11 @@ class Method:
     m_h: int = 0
     use_edis: bool = False
     ablation: bool = False
+    hard_lambda: float | None = None  # None: the budget's
+    log_q: bool = False  # subtract log q from the sampled negatives' logits
+
+    def lam(self, budget: Budget) -> float:
+        return budget.hard_lambda if self.hard_lambda is None else self.hard_lambda
 
     def negatives(self, m_c: int, m_o: int) -> tuple[int, int]:
         """(sampled, virtual) negatives per positive."""
@@ -66,6 +71,17 @@ METHODS: tuple[Method, ...] = (
     Method("ESANS w/o EDIS", "esans", m_h=5, use_edis=False, ablation=True),
     Method("ESANS w/o secondary codebook", "esans", m_h=0, use_edis=True, ablation=True),
     Method("ESANS w/o multimodal", "esans", BEHAVIOUR_ONLY, m_h=5, use_edis=True, ablation=True),
+)
+
+
+# Validation-only probes of the knobs the issue asks about (lambda) and of the log-q
+# correction the paper leaves off; they never touch the test split.
+SENSITIVITY: tuple[Method, ...] = (
+    Method("UNS", "uniform"),
+    Method("ESANS", "esans", m_h=5, use_edis=True),
+    Method("ESANS lambda 0.3", "esans", m_h=5, use_edis=True, hard_lambda=0.3),
+    Method("ESANS lambda 0.5", "esans", m_h=5, use_edis=True, hard_lambda=0.5),
+    Method("ESANS + log-q correction", "esans", m_h=5, use_edis=True, log_q=True),
 )
 
 
@@ -117,6 +133,7 @@ class ExperimentResult:
     budget: dict[str, Any]
     split: dict[str, Any]
     sweep: list[dict[str, Any]] = field(default_factory=list)
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)
     chosen: tuple[int, int] = (0, 0)
     codebooks: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: list[RunResult] = field(default_factory=list)
@@ -211,7 +228,7 @@ def _sample(
         m_c=budget.m_c,
         m_o=budget.m_o,
         m_h=method.m_h,
-        hard_lambda=budget.hard_lambda,
+        hard_lambda=method.lam(budget),
         eta=budget.eta,
         seed=seed,
         codebook_version=version,
@@ -303,8 +320,9 @@ def train_run(
                     embed_items=embed,
                     temperature=budget.temperature,
                     eta=budget.eta,
-                    hard_lambda=budget.hard_lambda,
+                    hard_lambda=method.lam(budget),
                     use_edis=method.use_edis,
+                    log_q_correction=method.log_q,
                 )
                 optimizer.zero_grad()
                 loss.backward()  # type: ignore[no-untyped-call]
@@ -471,6 +489,23 @@ def run_experiment(
             versions[variant] = service.publish(artifact)
             result.codebooks[variant] = codebook_summary(data, artifact)
         result.seconds["codebooks"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        for method in tqdm(SENSITIVITY, desc="sensitivity (validation)", position=0):
+            run = train_run(
+                data, method, versions[FULL], service.client, budget, seed=0,
+                epochs=budget.sweep_epochs, evaluate_test=False,
+            )  # fmt: skip
+            result.sensitivity.append(
+                {
+                    "method": method.name,
+                    "hard_lambda": method.lam(budget) if method.m_h else None,
+                    "log_q": method.log_q,
+                    "valid": run.valid,
+                    "train_negative_rate": run.train_negative_rate,
+                }
+            )
+        result.seconds["sensitivity"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         jobs = [(seed, m) for seed in range(budget.seeds) for m in methods]

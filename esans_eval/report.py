@@ -114,6 +114,16 @@ def findings(result: ExperimentResult) -> list[str]:
                 f"- Validation chose the {edge} primary codebook of the grid (K_p = {kp} of "
                 f"{grid}): the optimum may lie beyond it."
             )
+    probes = {row["method"]: row["valid"] for row in result.sensitivity}
+    if "ESANS" in probes and len(probes) > 2:
+        best = max(probes, key=lambda name: probes[name][50] + probes[name][200])
+        base = probes["ESANS"]
+        lines.append(
+            f"- Sensitivity on validation: best variant {best} (R@50 {probes[best][50]:.4f}, "
+            f"R@200 {probes[best][200]:.4f}) against ESANS as run (R@50 {base[50]:.4f}, "
+            f"R@200 {base[200]:.4f}); one seed, so differences below the main table's spread "
+            "are noise."
+        )
     full = result.codebooks.get("full", {}).get("stats", {})
     if full.get("cluster_size_median") is not None:
         lines.append(
@@ -143,7 +153,7 @@ def load_result(path: str | Path) -> ExperimentResult:
         )
         for run in raw.pop("runs")
     ]
-    for row in raw.get("sweep", []):
+    for row in [*raw.get("sweep", []), *raw.get("sensitivity", [])]:
         row["valid"] = by_k(row["valid"])
     raw["chosen"] = tuple(raw["chosen"])
     return ExperimentResult(**raw, runs=runs)
@@ -198,7 +208,8 @@ def render(result: ExperimentResult, command: str, plot_name: str | None) -> str
         f"Command: `{command}`  ",
         f"Runtime: {total / 60:.1f} min in all (prepare {result.seconds.get('prepare', 0):.0f} s, "
         f"K_p/K_s sweep {result.seconds.get('sweep', 0):.0f} s, codebooks "
-        f"{result.seconds.get('codebooks', 0):.0f} s, training + evaluation "
+        f"{result.seconds.get('codebooks', 0):.0f} s, sensitivity "
+        f"{result.seconds.get('sensitivity', 0):.0f} s, training + evaluation "
         f"{result.seconds.get('training', 0):.0f} s), 2 CPU cores.",
         "",
         "## Main table (test split)",
@@ -254,6 +265,25 @@ def render(result: ExperimentResult, command: str, plot_name: str | None) -> str
             f"| {row['seconds']:.0f} |"
         )
     lines += ["", f"Chosen: K_p = {kp}, K_s = {ks} (best mean of valid R@50 and R@200).", ""]
+    if result.sensitivity:
+        lines += [
+            "## Sensitivity (validation split, seed 0, the sweep's budget, chosen codebook)",
+            "",
+            "Lambda (the EDIS hard interpolation weight) and the log-q correction the paper "
+            "leaves off, probed on validation only; the test split is never used to pick them.",
+            "",
+            "| variant | lambda | log-q correction | valid R@50 | valid R@200 | "
+            "train-positive negatives |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in result.sensitivity:
+            lam = "-" if row["hard_lambda"] is None else f"{row['hard_lambda']:g}"
+            lines.append(
+                f"| {row['method']} | {lam} | {'yes' if row['log_q'] else 'no'} | "
+                f"{row['valid'][50]:.4f} | {row['valid'][200]:.4f} | "
+                f"{row['train_negative_rate']:.2%} |"
+            )
+        lines.append("")
     lines += ["## Codebooks", ""]
     for variant, summary in result.codebooks.items():
         st = summary["stats"]

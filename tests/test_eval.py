@@ -126,6 +126,10 @@ def test_pipeline_end_to_end_on_a_tiny_subset(tmp_path: Path) -> None:
     assert (tmp_path / "results-recall.png").stat().st_size > 0
     assert '"K_p"' in (tmp_path / "results.json").read_text()
     assert "## Findings" in text and "ESANS vs UNS" in text
+    assert (
+        "| ESANS + log-q correction | 0.1 | yes |" in text
+        and "| ESANS lambda 0.5 | 0.5 | no |" in text
+    )
     # The report can be rewritten from its JSON alone, number for number.
     again = tmp_path / "again" / "results.md"
     assert main(["--render", str(tmp_path / "results.json"), "--out", str(again)]) == 0
