@@ -477,6 +477,9 @@ def _serve_process(redis_url: str, log: Path, grace_s: float) -> subprocess.Pope
         "ESANS_HTTP_HOST": "127.0.0.1",
         "ESANS_HTTP_PORT": "0",
         "ESANS_SHUTDOWN_GRACE_S": str(grace_s),
+        # Room for every client of the LONG scale: a refusal here must come from the drain,
+        # not from max_concurrency (2 x CPUs by default, 4 on a 2-vCPU CI box).
+        "ESANS_MAX_CONCURRENCY": "16",
     }
     with log.open("wb") as sink:
         return subprocess.Popen(
