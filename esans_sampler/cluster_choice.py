@@ -26,18 +26,21 @@ IntArray = npt.NDArray[np.int64]
 # Floor on the cluster distance d(i, p), so that a near-duplicate codeword (d -> 0) gets a
 # large but finite weight d ** -gamma.
 MIN_CLUSTER_DISTANCE = 1e-3
+# Beyond this, d ** -gamma already puts all the mass on the closest cluster(s), and
+# -gamma * log d overflows float64 near 1e306.
+MAX_GAMMA = 1_000.0
 _NORM_EPS = 1e-12
 _RECORD = np.dtype((np.void, 16))
 
 
 def validate_gamma(gamma: float) -> float:
-    """``gamma`` as a float; raises :class:`InvalidInputError` unless finite and >= 0."""
+    """``gamma`` as a float; raises :class:`InvalidInputError` unless in [0, MAX_GAMMA]."""
     try:
         value = float(gamma)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"gamma must be a number, got {gamma!r}") from exc
-    if not np.isfinite(value) or value < 0.0:
-        raise InvalidInputError(f"gamma must be finite and >= 0, got {gamma!r}")
+    if not (np.isfinite(value) and 0.0 <= value <= MAX_GAMMA):
+        raise InvalidInputError(f"gamma must lie in [0, {MAX_GAMMA:g}], got {gamma!r}")
     return value
 
 

@@ -19,6 +19,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from esans_sampler.cluster_choice import MAX_GAMMA, validate_gamma
 from esans_sampler.edis import MAX_ETA, MIN_LAMBDA, edis_from_rows, gather_rows
 from esans_sampler.errors import (
     FailedPreconditionError,
@@ -255,9 +256,7 @@ class SamplingService:
             raise InvalidInputError(f"seed must lie in [0, 2**64 - 1], got {request.seed}")
         gamma = request.gamma
         if gamma is not None:
-            gamma = _real("gamma", gamma, "a finite number >= 0")
-            if gamma < 0:
-                raise InvalidInputError(f"gamma must be a finite number >= 0, got {gamma}")
+            gamma = validate_gamma(_real("gamma", gamma, f"a number in [0, {MAX_GAMMA:g}]"))
         eta = _real("eta", s.default_eta if request.eta is None else request.eta, "finite >= 0")
         if not 0 <= eta <= MAX_ETA:
             raise InvalidInputError(f"eta must be a finite number in [0, {MAX_ETA:g}], got {eta}")

@@ -73,7 +73,7 @@ def test_row_without_a_valid_cluster_is_zero() -> None:
     np.testing.assert_allclose(effective_clusters(matrix), [0.0, 1.0, 1.0])
 
 
-@pytest.mark.parametrize("gamma", [-0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("gamma", [-0.1, float("nan"), float("inf"), 1000.5, 2.6e307])
 def test_bad_gamma_is_refused(gamma: float) -> None:
     with pytest.raises(InvalidInputError, match="gamma"):
         cluster_choice_matrix(np.eye(3), np.ones(3), gamma)

@@ -148,6 +148,7 @@ def test_samplers(stub: Stub, ids: list[int], kind: int, name: int) -> None:
         {"m_h": 65},
         {"gamma": -1.0},
         {"gamma": float("nan")},
+        {"gamma": 2.6e307},  # found by the fuzz test: -gamma * log d overflowed
         {"eta": float("inf")},
         {"hard_lambda": 1.0},
         {"sampler": 9},
