@@ -148,6 +148,40 @@ def _response_bytes(response: Any) -> int:
     return total
 
 
+def timed_calls(
+    call: Callable[[int], int],
+    duration_s: float,
+    max_calls: int,
+    barrier: _Waiter,
+    counted_errors: tuple[type[BaseException], ...] = (),
+) -> Load:
+    """Warm-up calls, the barrier, then ``call(i)`` (returning the payload bytes it moved)
+    until ``duration_s`` has passed or ``max_calls`` were made. ``counted_errors`` are
+    counted, not timed; any other exception ends the worker."""
+    latencies = np.empty(max_calls)
+    done, errors, payload, first_error = 0, 0, 0, ""
+    for i in range(_WARMUP_CALLS):
+        call(i)
+    barrier.wait(_BARRIER_TIMEOUT_S)
+    start = time.monotonic()
+    deadline = start + duration_s
+    i = 0
+    while i < max_calls and time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        try:
+            moved = call(i)
+        except counted_errors as exc:  # e.g. RESOURCE_EXHAUSTED
+            errors += 1
+            first_error = first_error or f"{type(exc).__name__}: {exc}"
+        else:
+            latencies[done] = (time.perf_counter() - t0) * 1e3
+            payload += moved
+            done += 1
+        i += 1
+    end = time.monotonic()
+    return Load(latencies[:done].copy(), payload, errors, first_error, start, end)
+
+
 def drive_grpc(
     target: str,
     batches: Sequence[npt.NDArray[np.int64]],
@@ -163,34 +197,14 @@ def drive_grpc(
     from esans_sampler.errors import EsansError
 
     m_c, m_o, m_h = sizes
-    latencies = np.empty(max_requests)
-    done, errors, payload, first_error = 0, 0, 0, ""
     with SamplerClient(target, timeout_s=10.0, retries=0) as client:
 
-        def call(i: int) -> Any:
+        def call(i: int) -> int:
             batch = batches[i % len(batches)]
-            return client.sample(batch, m_c=m_c, m_o=m_o, m_h=m_h, return_embeddings=embeddings)
+            response = client.sample(batch, m_c=m_c, m_o=m_o, m_h=m_h, return_embeddings=embeddings)
+            return _response_bytes(response)
 
-        for i in range(_WARMUP_CALLS):
-            call(i)
-        barrier.wait(_BARRIER_TIMEOUT_S)
-        start = time.monotonic()
-        deadline = start + duration_s
-        i = 0
-        while i < max_requests and time.monotonic() < deadline:
-            t0 = time.perf_counter()
-            try:
-                response = call(i)
-            except EsansError as exc:  # e.g. RESOURCE_EXHAUSTED: counted, not timed
-                errors += 1
-                first_error = first_error or f"{type(exc).__name__}: {exc}"
-            else:
-                latencies[done] = (time.perf_counter() - t0) * 1e3
-                payload += _response_bytes(response)
-                done += 1
-            i += 1
-        end = time.monotonic()
-    return Load(latencies[:done].copy(), payload, errors, first_error, start, end)
+        return timed_calls(call, duration_s, max_requests, barrier, (EsansError,))
 
 
 def _process_worker(queue: Any, barrier: Any, *args: Any) -> None:
@@ -315,30 +329,18 @@ def drive_raw(
     barrier: _Waiter,
 ) -> Load:
     """One raw-socket worker: send a request of ``request_bytes``, read ``reply_bytes``."""
-    latencies = np.empty(max_messages)
     message = _RAW_HEADER.pack(request_bytes, reply_bytes) + bytes(request_bytes)
     reply = memoryview(bytearray(reply_bytes))
     with socket.create_connection(("127.0.0.1", port)) as conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-        def call() -> None:
+        def call(i: int) -> int:
             conn.sendall(message)
             if not _recv_exactly(conn, reply):
                 raise ConnectionError("the raw sink closed the connection")
+            return reply_bytes
 
-        for _ in range(_WARMUP_CALLS):
-            call()
-        barrier.wait(_BARRIER_TIMEOUT_S)
-        start = time.monotonic()
-        deadline = start + duration_s
-        done = 0
-        while done < max_messages and time.monotonic() < deadline:
-            t0 = time.perf_counter()
-            call()
-            latencies[done] = (time.perf_counter() - t0) * 1e3
-            done += 1
-        end = time.monotonic()
-    return Load(latencies[:done].copy(), done * reply_bytes, 0, "", start, end)
+        return timed_calls(call, duration_s, max_messages, barrier)
 
 
 # ----------------------------------------------------------------------------- bare gRPC
@@ -373,24 +375,14 @@ def drive_grpc_sink(
     """One worker of the bare-gRPC baseline: its own channel, raw bytes both ways."""
     import grpc
 
-    latencies = np.empty(max_messages)
     options = [("grpc.max_receive_message_length", 1 << 30)]
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-        call = channel.unary_unary("/bench.Sink/Reply")
-        size = 0
-        for _ in range(_WARMUP_CALLS):
-            size = len(call(request, timeout=60))
-        barrier.wait(_BARRIER_TIMEOUT_S)
-        start = time.monotonic()
-        deadline = start + duration_s
-        done = 0
-        while done < max_messages and time.monotonic() < deadline:
-            t0 = time.perf_counter()
-            call(request, timeout=60)
-            latencies[done] = (time.perf_counter() - t0) * 1e3
-            done += 1
-        end = time.monotonic()
-    return Load(latencies[:done].copy(), done * size, 0, "", start, end)
+        reply = channel.unary_unary("/bench.Sink/Reply")
+
+        def call(i: int) -> int:
+            return len(reply(request, timeout=60))
+
+        return timed_calls(call, duration_s, max_messages, barrier)
 
 
 def _start_sink(*flags: str) -> tuple[subprocess.Popen[str], int]:
