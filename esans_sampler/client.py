@@ -270,7 +270,12 @@ class SamplerClient(_SamplerClientBase):
 
 def _response_from_bytes(data: bytes) -> SampleResponse:
     from service._proto.esans.v1 import sampler_pb2
-    from service.wire import WireFormatError, decode_sample_response
+    from service.wire import (
+        EMBEDDING_TENSOR_NAMES,
+        RESPONSE_TENSOR_NAMES,
+        WireFormatError,
+        decode_sample_response,
+    )
 
     try:
         reply = decode_sample_response(data)
@@ -279,7 +284,7 @@ def _response_from_bytes(data: bytes) -> SampleResponse:
         if reply.embeddings is not None:
             e = reply.embeddings
             embeddings = SampledEmbeddings(
-                **{name: e[name] for name in _EMBEDDING_NAMES},
+                **{name: e[name] for name in EMBEDDING_TENSOR_NAMES},
                 eta=reply.eta,
                 hard_lambda=reply.hard_lambda,
             )
@@ -287,31 +292,11 @@ def _response_from_bytes(data: bytes) -> SampleResponse:
         return SampleResponse(
             codebook_version=reply.codebook_version,
             sampler=kind.removeprefix("SAMPLER_KIND_").lower(),
-            **{name: t[name] for name in _SAMPLE_NAMES},
+            **{name: t[name] for name in RESPONSE_TENSOR_NAMES},
             embeddings=embeddings,
         )
     except (WireFormatError, KeyError, ValueError) as exc:
         raise errors.EsansError(f"malformed SampleNegatives response: {exc}") from exc
-
-
-_SAMPLE_NAMES = (
-    "positive_primary",
-    "positive_secondary",
-    "simple_ids",
-    "simple_clusters",
-    "simple_log_q",
-    "hard_ids",
-    "hard_counts",
-    "hard_log_q",
-)
-_EMBEDDING_NAMES = (
-    "positive",
-    "simple",
-    "hard",
-    "virtual_simple",
-    "simple_weights",
-    "virtual_hard",
-)
 
 
 class HttpSamplerClient(_SamplerClientBase):

@@ -33,7 +33,7 @@ from service.core import (
 from service.errors import ErrorReport, describe
 from service.metrics import ServiceMetrics
 from service.settings import MIB, Settings
-from service.wire import encode_sample_response
+from service.wire import EMBEDDING_TENSOR_NAMES, RESPONSE_TENSOR_NAMES, encode_sample_response
 
 logger = logging.getLogger(__name__)
 
@@ -54,25 +54,6 @@ _KIND_FROM_PROTO = {
     sampler_pb2.SAMPLER_KIND_POPULARITY: POPULARITY,
     sampler_pb2.SAMPLER_KIND_MIXED: MIXED,
 }
-# Response fields filled from the NegativeSample / EmbeddingResult attribute of that name.
-_SAMPLE_TENSORS = (
-    "positive_primary",
-    "positive_secondary",
-    "simple_ids",
-    "simple_clusters",
-    "simple_log_q",
-    "hard_ids",
-    "hard_counts",
-    "hard_log_q",
-)
-_EMBEDDING_TENSORS = (
-    "positive",
-    "simple",
-    "hard",
-    "virtual_simple",
-    "simple_weights",
-    "virtual_hard",
-)
 _KIND_TO_PROTO = {
     ESANS: sampler_pb2.SAMPLER_KIND_ESANS,
     UNIFORM: sampler_pb2.SAMPLER_KIND_UNIFORM,
@@ -112,8 +93,10 @@ def response_bytes(result: SampleResult) -> bytes:
     return encode_sample_response(
         result.codebook_version,
         _KIND_TO_PROTO[result.sampler],
-        {name: getattr(result.sample, name) for name in _SAMPLE_TENSORS},
-        None if e is None else {name: getattr(e, name) for name in _EMBEDDING_TENSORS},
+        # Response tensors are filled from the NegativeSample / EmbeddingResult attribute of
+        # the same name.
+        {name: getattr(result.sample, name) for name in RESPONSE_TENSOR_NAMES},
+        None if e is None else {name: getattr(e, name) for name in EMBEDDING_TENSOR_NAMES},
         eta=0.0 if e is None else e.eta,
         hard_lambda=0.0 if e is None else e.hard_lambda,
     )

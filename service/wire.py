@@ -51,6 +51,9 @@ def _tensor_fields(message: Any) -> dict[int, str]:
 _RESPONSE_TENSORS = _tensor_fields(_RESPONSE)
 _EMBEDDING_TENSORS = _tensor_fields(_EMBEDDINGS)
 _RESPONSE_NAMES = {f.number: f.name for f in _RESPONSE.fields}
+# The tensor fields by name, in field-number order, for the adapters on either side.
+RESPONSE_TENSOR_NAMES = tuple(_RESPONSE_TENSORS.values())
+EMBEDDING_TENSOR_NAMES = tuple(_EMBEDDING_TENSORS.values())
 _EMBEDDING_SCALARS = {f.number: f.name for f in _EMBEDDINGS.fields if f.type == f.TYPE_DOUBLE}
 
 Parts = list[bytes | memoryview]
