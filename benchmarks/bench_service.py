@@ -55,42 +55,6 @@ _RAW_HEADER = struct.Struct("<QQ")  # request bytes that follow, reply bytes wan
 # ----------------------------------------------------------------------------- artifact
 
 
-def build_artifact(items: int, primary: int, secondary: int, snapshot_dim: int, seed: int) -> Any:
-    """A valid random artifact (as tests/conftest.py ``build_random_artifact``), ids
-    ``FIRST_ID .. FIRST_ID + items - 1`` shuffled, every primary cluster non-empty."""
-    from esans_sampler.artifact import CodebookArtifact
-    from esans_sampler.cluster_choice import cluster_choice_matrix
-    from esans_sampler.cluster_index import ClusterIndex
-    from esans_sampler.codebook import Codebook
-
-    rng = np.random.default_rng(seed)
-    dim, width = 16, 12
-    codebook = Codebook(
-        modality_names=("image",),
-        map_weights=(rng.normal(size=(dim, width)).astype(np.float32),),
-        map_biases=(np.zeros(dim, dtype=np.float32),),
-        primary_codewords=rng.normal(size=(primary, dim)).astype(np.float32),
-        secondary_codewords=rng.normal(size=(secondary, dim)).astype(np.float32),
-    )
-    codes = rng.permutation(np.arange(items) % primary)
-    index = ClusterIndex.build(
-        FIRST_ID + rng.permutation(items).astype(np.int64),
-        codes,
-        rng.integers(0, secondary, size=items),
-        primary,
-        secondary,
-    )
-    choice = cluster_choice_matrix(codebook.primary_codewords, index.cluster_sizes, 1.0)
-    snapshot = rng.standard_normal(size=(items, snapshot_dim), dtype=np.float32)
-    return CodebookArtifact(
-        codebook=codebook,
-        index=index,
-        cluster_choice=choice,
-        embeddings=snapshot,
-        metadata={"benchmark": "bench_service", "seed": seed},
-    )
-
-
 # ----------------------------------------------------------------------------- load
 
 
@@ -562,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from esans_sampler.artifact import artifact_to_files
     from esans_sampler.edis import edis_from_rows, gather_rows
+    from esans_sampler.synthetic import random_artifact
     from service._proto.esans.v1 import sampler_pb2
     from service.embedded_redis import EmbeddedRedis
     from service.registry import load_codebook
@@ -570,9 +535,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     wall = time.monotonic()
     sizes = (args.m_c, args.m_o, args.m_h)
     t0 = time.monotonic()
-    artifact = build_artifact(
-        args.items, args.primary, args.secondary, args.snapshot_dim, args.seed
-    )
+    artifact = random_artifact(
+        args.items, args.primary, args.secondary, args.snapshot_dim, args.seed, FIRST_ID,
+        metadata={"benchmark": "bench_service"},
+    )  # fmt: skip
     rng = np.random.default_rng(args.seed + 1)
     batches = [rng.choice(artifact.index.item_ids, args.batch) for _ in range(64)]
     build_s = time.monotonic() - t0

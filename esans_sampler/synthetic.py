@@ -1,4 +1,5 @@
-"""Synthetic catalogues with planted cluster structure, for the demo, tests and benchmarks.
+"""Synthetic catalogues with planted cluster structure, for the demo, tests and benchmarks,
+and random (untrained) codebook artifacts for load tests.
 
 Each item belongs to a planted primary cluster and a planted sub-cluster inside it. A
 shared latent vector (cluster centre + sub-cluster offset + item noise) is projected into
@@ -10,9 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from esans_sampler.artifact import CodebookArtifact
+from esans_sampler.cluster_choice import cluster_choice_matrix
+from esans_sampler.cluster_index import ClusterIndex
+from esans_sampler.codebook import Codebook
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,44 @@ def make_planted_catalogue(
         features=features,
         planted_primary=primary.astype(np.int64),
         planted_fine=(primary * num_subclusters + sub).astype(np.int64),
+    )
+
+
+def random_artifact(
+    num_items: int,
+    num_primary: int,
+    num_secondary: int,
+    snapshot_dim: int,
+    seed: int = 0,
+    first_id: int = 1_000_000,
+    metadata: Mapping[str, Any] | None = None,
+) -> CodebookArtifact:
+    """A valid codebook artifact from random arrays, without training, for load tests and
+    benchmarks: ids ``first_id .. first_id + num_items - 1`` shuffled, every primary cluster
+    non-empty, a (num_items, snapshot_dim) float32 embedding snapshot."""
+    rng = np.random.default_rng(seed)
+    dim, width = 16, 12
+    codebook = Codebook(
+        modality_names=("image",),
+        map_weights=(rng.normal(size=(dim, width)).astype(np.float32),),
+        map_biases=(np.zeros(dim, dtype=np.float32),),
+        primary_codewords=rng.normal(size=(num_primary, dim)).astype(np.float32),
+        secondary_codewords=rng.normal(size=(num_secondary, dim)).astype(np.float32),
+    )
+    codes = rng.permutation(np.arange(num_items) % num_primary)
+    index = ClusterIndex.build(
+        first_id + rng.permutation(num_items).astype(np.int64),
+        codes,
+        rng.integers(0, num_secondary, size=num_items),
+        num_primary,
+        num_secondary,
+    )
+    return CodebookArtifact(
+        codebook=codebook,
+        index=index,
+        cluster_choice=cluster_choice_matrix(codebook.primary_codewords, index.cluster_sizes, 1.0),
+        embeddings=rng.standard_normal(size=(num_items, snapshot_dim), dtype=np.float32),
+        metadata={"seed": seed, **(metadata or {})},
     )
 
 

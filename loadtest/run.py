@@ -41,39 +41,6 @@ _STOP_TIMEOUT_S = 20.0
 _LOCUST_SLACK_S = 60.0
 
 
-def build_artifact(items: int, primary: int, secondary: int, dim: int, seed: int) -> Any:
-    """A valid random artifact, ids ``FIRST_ID .. FIRST_ID + items - 1`` shuffled, every
-    primary cluster non-empty, a (items, dim) float32 embedding snapshot."""
-    from esans_sampler.artifact import CodebookArtifact
-    from esans_sampler.cluster_choice import cluster_choice_matrix
-    from esans_sampler.cluster_index import ClusterIndex
-    from esans_sampler.codebook import Codebook
-
-    rng = np.random.default_rng(seed)
-    width, aligned = 12, 16
-    codebook = Codebook(
-        modality_names=("image",),
-        map_weights=(rng.normal(size=(aligned, width)).astype(np.float32),),
-        map_biases=(np.zeros(aligned, dtype=np.float32),),
-        primary_codewords=rng.normal(size=(primary, aligned)).astype(np.float32),
-        secondary_codewords=rng.normal(size=(secondary, aligned)).astype(np.float32),
-    )
-    index = ClusterIndex.build(
-        FIRST_ID + rng.permutation(items).astype(np.int64),
-        rng.permutation(np.arange(items) % primary),
-        rng.integers(0, secondary, size=items),
-        primary,
-        secondary,
-    )
-    return CodebookArtifact(
-        codebook=codebook,
-        index=index,
-        cluster_choice=cluster_choice_matrix(codebook.primary_codewords, index.cluster_sizes, 1.0),
-        embeddings=rng.standard_normal(size=(items, dim), dtype=np.float32),
-        metadata={"loadtest": True, "seed": seed},
-    )
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -294,10 +261,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from esans_sampler.artifact import artifact_to_files
+    from esans_sampler.synthetic import random_artifact
     from service.embedded_redis import EmbeddedRedis
     from service.store import CodebookStore
 
-    artifact = build_artifact(args.items, args.primary, args.secondary, args.dim, args.seed)
+    artifact = random_artifact(
+        args.items, args.primary, args.secondary, args.dim, args.seed, FIRST_ID,
+        metadata={"loadtest": True},
+    )  # fmt: skip
     server: subprocess.Popen[bytes] | None = None
     with tempfile.TemporaryDirectory(prefix="esans-loadtest-") as tmp:
         work = Path(tmp)
