@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -147,13 +145,9 @@ def test_alias_refuses_bad_weights_and_rows() -> None:
         table.draw(np.array([0.5]), rng)
 
 
-def test_building_300_rows_is_fast() -> None:
+def test_a_300_row_table_holds_its_matrix() -> None:
+    # Its build time is reported by benchmarks/bench_sampler.py, not asserted here.
     rng = np.random.default_rng(0)
     matrix = cluster_choice_matrix(rng.normal(size=(300, 32)), rng.integers(0, 50, 300), 1.0)
-    elapsed = []
-    for _ in range(3):  # best of three, so a busy machine does not fail the test
-        start = time.perf_counter()
-        table = AliasTable.build(matrix)
-        elapsed.append(time.perf_counter() - start)
+    table = AliasTable.build(matrix)
     np.testing.assert_allclose(table.probabilities(), matrix, atol=1e-12)
-    assert min(elapsed) < 0.1

@@ -168,15 +168,14 @@ def test_swaps_on_publish_via_pubsub(store: CodebookStore, make_artifact: Artifa
     swapped = threading.Event()
     with CodebookRegistry(store, poll_interval_s=60.0, on_swap=lambda _: swapped.set()) as reg:
         swapped.clear()
-        start = time.monotonic()
         new = _publish(store, make_artifact, 2)
-        assert swapped.wait(1.0)
-        assert time.monotonic() - start < 1.0
+        # Polling runs once a minute, so a swap within 20 s can only come from the event.
+        assert swapped.wait(20.0)
         assert reg.active_version == new
         # a rollback is an event too
         swapped.clear()
         store.activate(reg.loaded_versions()[-1])
-        assert swapped.wait(1.0)
+        assert swapped.wait(20.0)
 
 
 def test_swaps_by_polling_when_events_are_lost(

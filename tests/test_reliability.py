@@ -34,6 +34,7 @@ import schemathesis
 from conftest import build_random_artifact
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 
 from esans_sampler.artifact import CodebookArtifact, artifact_to_files
@@ -286,12 +287,17 @@ def catalogue_check(
     return check
 
 
-def metric(http: httpx.Client, name: str) -> float:
-    """The value of an unlabelled sample ``name`` in ``/metrics``."""
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} is not in /metrics")
+def metric(http: httpx.Client, name: str, **labels: str) -> float:
+    """The sum of the samples ``name`` in ``/metrics`` whose labels include ``labels``."""
+    found = [
+        sample.value
+        for family in text_string_to_metric_families(http.get("/metrics").text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
+    if not found and not labels:
+        raise AssertionError(f"{name} is not in /metrics")
+    return float(sum(found))
 
 
 # ----------------------------------------------------------------------------- publish
@@ -391,9 +397,16 @@ def test_redis_outage_serves_last_good_codebook(scale: Scale, fresh_redis: Embed
 
 
 @pytest.mark.parametrize("scale", SCALES)
-def test_overload_is_refused_fast_and_admitted_calls_stay_bounded(
+def test_overload_is_refused_before_any_work_and_admitted_calls_succeed(
     scale: Scale, redis_server: EmbeddedRedis
 ) -> None:
+    """What the server decides under overload, read from its own counters.
+
+    Every call either succeeds or is refused with RESOURCE_EXHAUSTED / 429; the server counts
+    exactly the refusals the clients saw; and the negatives it drew add up to the admitted calls
+    alone, so a refusal did no sampling work. Client-side latencies are only compared in the
+    slow version: on a shared machine they measure the scheduler as much as the server.
+    """
     namespace = f"overload-{scale.name}"
     artifact = build_random_artifact(
         seed=3, num_items=20_000, num_primary=40, num_secondary=5, first_id=10**6
@@ -402,11 +415,15 @@ def test_overload_is_refused_fast_and_admitted_calls_stay_bounded(
     ids = np.random.default_rng(0).choice(artifact.index.item_ids, 4096)
     # gRPC: ~6 MB per response, so slots stay busy. HTTP: small answers, because encoding
     # megabytes of JSON holds the GIL and would stall every other call of the process.
-    fields = {
+    fields: dict[str, dict[str, Any]] = {
         "grpc": {"positive_ids": ids, "m_c": 8, "m_o": 16, "m_h": 16},
         "http": {"positive_ids": ids[:256]},
     }
     settings = _settings(redis_server.url, namespace, max_concurrency=2)
+    simple_per_call = {
+        "grpc": 4096 * 8 * 16,
+        "http": 256 * settings.default_m_c * settings.default_m_o,
+    }
     rejected: dict[str, list[float]] = {"grpc": [], "http": []}
     admitted: dict[str, list[float]] = {"grpc": [], "http": []}
     other: list[str] = []
@@ -449,19 +466,36 @@ def test_overload_is_refused_fast_and_admitted_calls_stay_bounded(
             thread.join(_JOIN_S * 2)
         assert not any(t.is_alive() for t in threads)
         server_rejected = metric(http, "esans_rejected_requests_total")
+        grpc_refused_by_service = metric(
+            http, "esans_requests_total", transport="grpc", status="RESOURCE_EXHAUSTED"
+        )
+        http_refused = metric(http, "esans_requests_total", transport="http", status="429")
+        served_ok = {
+            "grpc": metric(http, "esans_requests_total", transport="grpc", status="OK"),
+            "http": metric(
+                http, "esans_requests_total", transport="http", method="/v1/sample", status="200"
+            ),
+        }
+        simple_served = metric(http, "esans_negatives_served_total", kind="simple")
         assert http.get("/readyz").status_code == 200  # still serving afterwards
-    all_rejected = rejected["grpc"] + rejected["http"]
-    all_admitted = admitted["grpc"] + admitted["http"]
     assert not other, other[:3]
     assert rejected["grpc"] and rejected["http"], "the load did not exceed max_concurrency"
-    assert all_admitted
-    # Refusals are immediate (no queueing), so they come back well before admitted calls.
-    # Client-side times include waiting for the GIL among up to 32 client threads and the
-    # in-process server on a small shared machine, so the bounds are relative, not absolute.
-    assert percentile_ms(all_rejected, 50) < 0.7 * percentile_ms(all_admitted, 50)
-    assert percentile_ms(all_rejected, 90) < percentile_ms(all_admitted, 90)
-    assert percentile_ms(all_admitted, 99) < 10_000.0
-    assert 0 < server_rejected <= len(all_rejected)
+    assert admitted["grpc"] or admitted["http"]
+    # Each refusal the clients saw was decided by the server's admission control (gRPC's own
+    # queue limit may refuse a few more before they reach the service: those are not counted).
+    assert http_refused == len(rejected["http"])
+    assert server_rejected == grpc_refused_by_service + http_refused
+    assert 0 < server_rejected <= len(rejected["grpc"]) + len(rejected["http"])
+    # Admitted calls all succeeded, and only they drew negatives: refusals did no work.
+    assert served_ok == {t: float(len(admitted[t])) for t in ("grpc", "http")}
+    assert simple_served == sum(len(admitted[t]) * simple_per_call[t] for t in admitted)
+    if scale is LONG:  # reported, not asserted: client-side times measure the scheduler too
+        all_rejected = rejected["grpc"] + rejected["http"]
+        all_admitted = admitted["grpc"] + admitted["http"]
+        print(
+            f"overload latencies: rejected p50 {percentile_ms(all_rejected, 50):.1f} ms, "
+            f"admitted p50 {percentile_ms(all_admitted, 50):.1f} ms"
+        )
 
 
 # ----------------------------------------------------------------------------- SIGTERM
