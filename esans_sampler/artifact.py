@@ -234,6 +234,7 @@ def artifact_to_files(artifact: CodebookArtifact) -> dict[str, bytes]:
             "embedding_dim": cb.embedding_dim,
             "num_primary": cb.num_primary,
             "num_secondary": cb.num_secondary,
+            "secondary": cb.secondary_mode,
             "snapshot_dim": None if artifact.embeddings is None else artifact.embeddings.shape[1],
             "has_popularity": artifact.popularity is not None,
         },

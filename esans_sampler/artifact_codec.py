@@ -167,7 +167,11 @@ def read_codebook(name: str, data: bytes) -> Codebook:
             ),
             primary_codewords=typed(name, "primary_codewords", head["primary_codewords"], "f", 2),
             secondary_codewords=typed(
-                name, "secondary_codewords", head["secondary_codewords"], "f", 2
+                name,
+                "secondary_codewords",
+                head["secondary_codewords"],
+                "f",
+                3 if head["secondary_codewords"].ndim == 3 else 2,
             ),
         )
     except InvalidInputError as exc:

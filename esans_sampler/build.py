@@ -21,7 +21,7 @@ from esans_sampler.cluster_index import ClusterIndex
 from esans_sampler.codebook import Codebook, l2_normalize
 from esans_sampler.errors import CatalogueError
 from esans_sampler.msac import EpochStats, MSACConfig, train_msac
-from esans_sampler.stats import codebook_stats
+from esans_sampler.stats import codebook_stats, hard_coverage
 
 _EMBED_CHUNK_ROWS = 65_536
 
@@ -122,6 +122,7 @@ def build_artifact(
         "stats": codebook_stats(
             result.primary, result.secondary, codebook.num_primary, codebook.num_secondary
         ).as_dict(),
+        "hard_coverage": hard_coverage(index.fine_sizes).as_dict(),
         "history": [asdict(epoch) for epoch in result.history],
         "embeddings": None if snapshot is None else {"dim": int(snapshot.shape[1])},
     }

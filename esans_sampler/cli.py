@@ -12,11 +12,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from esans_sampler.errors import EsansError, UnavailableError
+
+if TYPE_CHECKING:
+    from esans_sampler.artifact import CodebookArtifact
 
 
 def _parse_modality(text: str) -> tuple[str, str]:
@@ -65,6 +68,14 @@ def _add_build_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     hp = p.add_argument_group("MSAC parameters (defaults: paper, Table 6)")
     hp.add_argument("--kp", "--num-primary", dest="num_primary", type=int, default=300)
     hp.add_argument("--ks", "--num-secondary", dest="num_secondary", type=int, default=15)
+    hp.add_argument(
+        "--secondary",
+        choices=("per_cluster", "global"),
+        default="per_cluster",
+        help="per_cluster (default): K_s secondary codewords for each primary cluster, so every "
+        "cluster splits into fine cells and positives get hard negatives; global: the paper's "
+        "one shared secondary codebook (can collapse each cluster into one fine cell)",
+    )
     hp.add_argument("--dm", "--embedding-dim", dest="embedding_dim", type=int, default=512)
     hp.add_argument("--beta", type=float, default=2.0, help="weight of each alignment loss")
     hp.add_argument(
@@ -109,6 +120,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         embedding_dim=args.embedding_dim,
         num_primary=args.num_primary,
         num_secondary=args.num_secondary,
+        secondary=args.secondary,
         beta=args.beta,
         seed=args.seed,
         **overrides,
@@ -137,7 +149,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     print(_history_table(artifact.metadata["history"]))
     print()
-    print(_summary(artifact.metadata, artifact.cluster_choice))
+    print(_summary(artifact))
     print(f"\nwrote {args.out} (version {version[:16]}) in {elapsed:.1f} s")
     return 0
 
@@ -171,9 +183,12 @@ def _cell(fmt: str, value: Any) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def _summary(metadata: dict[str, Any], cluster_choice: np.ndarray[Any, Any]) -> str:
+def _summary(artifact: CodebookArtifact) -> str:
+    """The closing summary of `esans build` and the body of `esans inspect`."""
     from esans_sampler.cluster_choice import effective_clusters
+    from esans_sampler.stats import hard_coverage, histogram_label
 
+    metadata, cluster_choice = artifact.metadata, artifact.cluster_choice
     stats = metadata["stats"]
     params = metadata["parameters"]
     catalogue = metadata["catalogue"]
@@ -183,7 +198,7 @@ def _summary(metadata: dict[str, Any], cluster_choice: np.ndarray[Any, Any]) -> 
         effective = np.zeros(1)
     snapshot = metadata.get("embeddings")
     histogram = ", ".join(
-        f"{int(lo)}-{int(hi)}: {count}"
+        f"{histogram_label(lo, hi)}: {count}"
         for lo, hi, count in zip(
             stats["cluster_size_bin_edges"][:-1],
             stats["cluster_size_bin_edges"][1:],
@@ -191,6 +206,7 @@ def _summary(metadata: dict[str, Any], cluster_choice: np.ndarray[Any, Any]) -> 
             strict=True,
         )
     )
+    coverage = hard_coverage(artifact.index.fine_sizes)  # from the index: old artifacts too
     rows = [
         ("items", str(catalogue["num_items"])),
         ("modalities", ", ".join(f"{k} ({v})" for k, v in catalogue["modalities"].items())),
@@ -198,6 +214,7 @@ def _summary(metadata: dict[str, Any], cluster_choice: np.ndarray[Any, Any]) -> 
             "K_p / K_s / d_m",
             f"{params['num_primary']} / {params['num_secondary']} / {params['embedding_dim']}",
         ),
+        ("secondary codebook", _secondary_description(artifact.codebook.secondary_mode)),
         (
             "primary used",
             f"{stats['primary_used']} of {params['num_primary']}"
@@ -213,6 +230,16 @@ def _summary(metadata: dict[str, Any], cluster_choice: np.ndarray[Any, Any]) -> 
             f"{stats['fine_cells_used']} (perplexity {stats['fine_perplexity']:.1f})",
         ),
         (
+            "fine cells/cluster",
+            f"min {coverage.cells_per_cluster_min}, median "
+            f"{coverage.cells_per_cluster_median:g}, max {coverage.cells_per_cluster_max}",
+        ),
+        (
+            "hard candidates",
+            f"{coverage.share_with_m_h:.1%} of items have >= {coverage.m_h} (m_h), "
+            f"{coverage.share_with_any:.1%} have >= 1",
+        ),
+        (
             "cluster sizes",
             f"min {stats['cluster_size_min']}, median {stats['cluster_size_median']:g},"
             f" max {stats['cluster_size_max']}, empty {stats['empty_clusters']}",
@@ -225,7 +252,17 @@ def _summary(metadata: dict[str, Any], cluster_choice: np.ndarray[Any, Any]) -> 
         ),
         ("embedding snapshot", f"d={snapshot['dim']}" if snapshot else "none"),
     ]
-    return "\n".join(f"{label:<20}{value}" for label, value in rows)
+    lines = [f"{label:<20}{value}" for label, value in rows]
+    warning = coverage.warning()
+    if warning:
+        lines.append(f"WARNING: {warning}")
+    return "\n".join(lines)
+
+
+def _secondary_description(mode: str) -> str:
+    if mode == "per_cluster":
+        return "per primary cluster (K_s codewords each)"
+    return "global (one shared codebook, as in the paper)"
 
 
 def _add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -250,7 +287,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(f"{'artifact':<20}{args.artifact}")
         print(f"{'version':<20}{artifact.version}")
-        print(_summary(artifact.metadata, artifact.cluster_choice))
+        print(_summary(artifact))
     if args.codes:
         index = artifact.index
         table = np.column_stack([index.item_ids, index.primary, index.secondary])
@@ -301,7 +338,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         show_progress_bar=not args.quiet,
     )
     version = save_artifact(artifact, artifact_dir, overwrite=True)
-    print(_summary(artifact.metadata, artifact.cluster_choice))
+    print(_summary(artifact))
     print(f"\nwrote demo catalogue to {out / 'catalogue'} and artifact to {artifact_dir}")
     print(f"version {version[:16]}; try: esans inspect {artifact_dir}")
     return 0

@@ -44,7 +44,10 @@ class Codebook:
     """Per-modality linear maps ``H_m`` and the primary/secondary codewords (eq. 5-7).
 
     map_weights[m]: (d_m, D_m) float32, map_biases[m]: (d_m,) float32,
-    primary_codewords: (K_p, d_m) float32, secondary_codewords: (K_s, M * d_m) float32.
+    primary_codewords: (K_p, d_m) float32, secondary_codewords: (K_p, K_s, M * d_m) float32
+    with one secondary codebook per primary cluster (the default), or (K_s, M * d_m) with one
+    global secondary codebook (the paper's form). The secondary code of an item is the index
+    of its nearest codeword among those of its own primary cluster, or among the global ones.
     """
 
     modality_names: tuple[str, ...]
@@ -65,9 +68,16 @@ class Codebook:
                 raise InvalidInputError(
                     f"modality {name!r}: map weight {w.shape} / bias {b.shape} do not match d_m={d}"
                 )
-        if self.secondary_codewords.ndim != 2 or self.secondary_codewords.shape[1] != m * d:
+        z_s = self.secondary_codewords
+        shapes = {2: "(K_s, M * d_m)", 3: f"(K_p={self.num_primary}, K_s, M * d_m)"}
+        if (
+            z_s.ndim not in shapes
+            or z_s.shape[-1] != m * d
+            or (z_s.ndim == 3 and z_s.shape[0] != self.num_primary)
+        ):
             raise InvalidInputError(
-                f"secondary codewords {self.secondary_codewords.shape} must be (K_s, {m * d})"
+                f"secondary codewords {z_s.shape} must be (K_s, {m * d}) or "
+                f"({self.num_primary}, K_s, {m * d})"
             )
 
     @property
@@ -81,7 +91,13 @@ class Codebook:
 
     @property
     def num_secondary(self) -> int:
-        return int(self.secondary_codewords.shape[0])
+        """K_s, secondary codewords per primary cluster (or in all, when global)."""
+        return int(self.secondary_codewords.shape[-2])
+
+    @property
+    def secondary_mode(self) -> str:
+        """``"per_cluster"`` or ``"global"``: how the secondary codebook is shared."""
+        return "per_cluster" if self.secondary_codewords.ndim == 3 else "global"
 
     @property
     def input_dims(self) -> tuple[int, ...]:
@@ -147,5 +163,11 @@ class Codebook:
         )  # nearest primary codeword (text after eq. 5)
         z_p = self.primary_codewords[primary]
         r_s = np.concatenate([m - z_p for m in embedded], axis=1)  # eq. 6: residuals, concatenated
-        secondary = nearest_codeword(r_s, self.secondary_codewords)  # nearest secondary codeword
+        if self.secondary_codewords.ndim == 2:
+            return primary, nearest_codeword(r_s, self.secondary_codewords)
+        secondary = np.empty_like(primary)
+        order = np.argsort(primary, kind="stable")
+        clusters, starts = np.unique(primary[order], return_index=True)
+        for p, rows in zip(clusters, np.split(order, starts[1:]), strict=True):
+            secondary[rows] = nearest_codeword(r_s[rows], self.secondary_codewords[p])
         return primary, secondary

@@ -179,3 +179,15 @@ def kmeans(
                 if potential < best:
                     seeds, best = candidate, potential
         return _lloyd(x, seeds, num_iters)
+
+
+def lloyd(x: torch.Tensor, centroids: torch.Tensor, num_iters: int) -> tuple[torch.Tensor, float]:
+    """Lloyd iterations on ``x`` (n, d) from ``centroids`` (K, d), K <= n; returns the refined
+    centroids and their potential (sum of squared distances of the rows to the nearest)."""
+    if not 1 <= centroids.shape[0] <= x.shape[0]:
+        raise InvalidInputError(
+            f"lloyd needs 1 <= K <= n, got K={centroids.shape[0]}, n={x.shape[0]}"
+        )
+    with torch.no_grad():
+        refined, _ = _lloyd(x.detach(), centroids.detach().clone(), num_iters)
+        return refined, _potential(x, refined)

@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 from esans_sampler.codebook import Codebook
 from esans_sampler.errors import InvalidInputError
 from esans_sampler.kmeans import kmeans
-from esans_sampler.msac_model import MSACConfig, MSACModel, nearest_code, reseed_codewords
+from esans_sampler.msac_model import (
+    PER_CLUSTER,
+    MSACConfig,
+    MSACModel,
+    nearest_code,
+    reseed_codewords,
+)
+from esans_sampler.secondary import init_per_cluster, refine_per_cluster
 from esans_sampler.stats import CodebookStats, codebook_stats, usage_perplexity
 
 __all__ = [
@@ -91,13 +98,18 @@ class EpochStats:
 
 @dataclass(frozen=True)
 class MSACResult:
-    """A trained codebook, every item's codes (N,) int32, per-epoch history, final usage."""
+    """A trained codebook, every item's codes (N,) int32, per-epoch history, final usage.
+
+    refined_clusters: primary clusters whose secondary codewords the final refinement replaced
+    by a fresh k-means solution (per-cluster secondary codebooks only; see ``secondary.py``).
+    """
 
     codebook: Codebook
     primary: CodeArray
     secondary: CodeArray
     history: list[EpochStats]
     final: CodebookStats
+    refined_clusters: int = 0
 
 
 @contextmanager
@@ -159,7 +171,7 @@ def _init_codebooks(
     """k-means on a spread sample of the items' initial embeddings: primary on R_p,
     secondary on R_s."""
     config = model.config
-    n_init = min(num_items, max(config.kmeans_init_items, config.num_primary))
+    n_init = _sample_size(config, num_items)
     blocks = _init_blocks(num_items, n_init, config.batch_size)
     d = config.embedding_dim
     num_modalities = model.num_modalities
@@ -189,17 +201,71 @@ def _init_codebooks(
         for m in range(num_modalities):
             r_s[:, m * d : (m + 1) * d] -= assigned  # eq. 6
         del assigned
-        z_s, _ = kmeans(
-            r_s,
-            config.num_secondary,
-            config.kmeans_iters,
-            generator,
-            num_restarts=config.kmeans_restarts,
-        )
-        model.secondary_codewords.copy_(z_s)
+        if model.per_cluster:
+            z_s = init_per_cluster(
+                r_s,
+                primary,
+                config.num_primary,
+                config.num_secondary,
+                config.kmeans_iters,
+                config.kmeans_restarts,
+                generator,
+            )
+            model.secondary_codewords.copy_(z_s)
+        else:
+            z_s, _ = kmeans(
+                r_s,
+                config.num_secondary,
+                config.kmeans_iters,
+                generator,
+                num_restarts=config.kmeans_restarts,
+            )
+            model.secondary_codewords.copy_(z_s)
 
 
 _MIN_INIT_BLOCKS = 16
+# Per-cluster secondary codebooks are fitted on at least this many sampled items per codeword.
+_ITEMS_PER_SECONDARY_CODEWORD = 10
+
+
+def _sample_size(config: MSACConfig, num_items: int) -> int:
+    """Items sampled (spread over the catalogue) to fit the codebooks by k-means."""
+    wanted = max(config.kmeans_init_items, config.num_primary)
+    if config.secondary == PER_CLUSTER:
+        per_cluster = config.num_primary * config.num_secondary * _ITEMS_PER_SECONDARY_CODEWORD
+        wanted = max(wanted, per_cluster)
+    return min(num_items, wanted)
+
+
+def _refine_secondary(
+    model: MSACModel,
+    names: Sequence[str],
+    mats: Sequence[FeatureMatrix],
+    num_items: int,
+    generator: torch.Generator,
+) -> int:
+    """Refine per-cluster secondary codewords on the final residuals of the k-means sample
+    (see ``secondary.py``); returns the clusters that took a fresh k-means solution."""
+    config = model.config
+    residuals, primaries = [], []
+    with torch.no_grad():
+        for start, stop in _init_blocks(
+            num_items, _sample_size(config, num_items), config.batch_size
+        ):
+            embedded = model.embed(_read_batch(names, mats, start, stop))
+            c_p = nearest_code(torch.stack(embedded).mean(dim=0), model.primary_codewords)
+            residuals.append(model.residuals(embedded, c_p))
+            primaries.append(c_p)
+        return refine_per_cluster(
+            model.secondary_codewords.data,
+            torch.cat(residuals),
+            torch.cat(primaries),
+            config.kmeans_iters,
+            config.kmeans_restarts,
+            generator,
+        )
+
+
 CLUSTER_SIZE_QUANTILES = (0, 10, 50, 90, 100)
 
 
@@ -256,9 +322,18 @@ def _reseed_dead(
         n_p = reseed_codewords(model.primary_codewords, dead_p, r_p, generator)
         _reset_adam_rows(optimizer, model.primary_codewords, dead_p)
         # Residuals against the updated primary codebook (eq. 6).
-        r_s = model.residuals(embedded, nearest_code(r_p, model.primary_codewords))
-        dead_s = secondary_counts < threshold
-        n_s = reseed_codewords(model.secondary_codewords, dead_s, r_s, generator)
+        c_p = nearest_code(r_p, model.primary_codewords)
+        r_s = model.residuals(embedded, c_p)
+        dead_s = secondary_counts.reshape(model.secondary_codewords.shape[:-1]) < threshold
+        if model.per_cluster:
+            # A cluster's dead codewords move onto its own recent residuals, never another's.
+            n_s = 0
+            for p in torch.nonzero(dead_s.any(dim=1)).flatten().tolist():
+                n_s += reseed_codewords(
+                    model.secondary_codewords[p], dead_s[p], r_s[c_p == p], generator
+                )
+        else:
+            n_s = reseed_codewords(model.secondary_codewords, dead_s, r_s, generator)
         _reset_adam_rows(optimizer, model.secondary_codewords, dead_s)
     return n_p, n_s
 
@@ -274,7 +349,7 @@ def _assign_all(
             embedded = model.embed(_read_batch(names, mats, start, stop))
             r_p = torch.stack(embedded).mean(dim=0)  # eq. 5
             c_p = nearest_code(r_p, model.primary_codewords)
-            c_s = nearest_code(model.residuals(embedded, c_p), model.secondary_codewords)
+            c_s = model.secondary_code(model.residuals(embedded, c_p), c_p)
             primary[start:stop] = c_p.numpy()
             secondary[start:stop] = c_s.numpy()
     return primary, secondary
@@ -319,7 +394,10 @@ def train_msac(
                 t0 = time.perf_counter()
                 sums = np.zeros(4)  # alignment, sq, total, primary error (item-weighted)
                 primary_counts = torch.zeros(config.num_primary, dtype=torch.int64)
-                secondary_counts = torch.zeros(config.num_secondary, dtype=torch.int64)
+                # Per codeword: one per fine cell with per-cluster codebooks.
+                secondary_counts = torch.zeros(
+                    model.secondary_codewords.shape[:-1].numel(), dtype=torch.int64
+                )
                 recent: deque[list[torch.Tensor]] = deque(maxlen=_RESEED_BATCHES)
                 for start in rng.permutation(starts):
                     stop = min(int(start) + config.batch_size, num_items)
@@ -337,9 +415,10 @@ def train_msac(
                         ]
                     )
                     primary_counts += torch.bincount(out.primary, minlength=config.num_primary)
-                    secondary_counts += torch.bincount(
-                        out.secondary, minlength=config.num_secondary
-                    )
+                    codeword = out.secondary
+                    if model.per_cluster:
+                        codeword = out.primary * config.num_secondary + out.secondary
+                    secondary_counts += torch.bincount(codeword, minlength=secondary_counts.numel())
                     recent.append([m.detach() for m in out.embedded])
                     bar.update(1)
                     bar.set_postfix(
@@ -351,6 +430,7 @@ def train_msac(
                         model, optimizer, primary_counts, secondary_counts, recent, generator
                     )
                 means = sums / num_items
+                local_counts = secondary_counts.reshape(-1, config.num_secondary).sum(dim=0)
                 stats = EpochStats(
                     epoch=epoch,
                     alignment_loss=float(means[0]),
@@ -358,8 +438,8 @@ def train_msac(
                     total_loss=float(means[2]),
                     primary_used=int(torch.count_nonzero(primary_counts).item()),
                     primary_perplexity=usage_perplexity(primary_counts.numpy()),
-                    secondary_used=int(torch.count_nonzero(secondary_counts).item()),
-                    secondary_perplexity=usage_perplexity(secondary_counts.numpy()),
+                    secondary_used=int(torch.count_nonzero(local_counts).item()),
+                    secondary_perplexity=usage_perplexity(local_counts.numpy()),
                     quantisation_error=float(means[3]),
                     reseeded_primary=reseeded[0],
                     reseeded_secondary=reseeded[1],
@@ -369,9 +449,17 @@ def train_msac(
                 history.append(stats)
                 if progress is not None:
                     progress(stats)
+        refined = 0
+        if model.per_cluster:
+            refined = _refine_secondary(model, names, mats, num_items, generator)
         codebook = model.to_codebook(names)
         primary, secondary = _assign_all(model, names, mats, num_items)
     final = codebook_stats(primary, secondary, config.num_primary, config.num_secondary)
     return MSACResult(
-        codebook=codebook, primary=primary, secondary=secondary, history=history, final=final
+        codebook=codebook,
+        primary=primary,
+        secondary=secondary,
+        history=history,
+        final=final,
+        refined_clusters=refined,
     )

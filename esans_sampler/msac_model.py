@@ -3,11 +3,18 @@
 Each modality's frozen features R_m (N, D_m) go through a learned linear map H_m to an
 aligned embedding M_m (N, d_m) (eq. 3). A CLIP-style symmetric InfoNCE pulls the views of
 one item together (eq. 4); the mean of the views is quantised by the primary codebook
-(eq. 5) and the concatenated per-view residuals by one global secondary codebook (eq. 6);
+(eq. 5) and the concatenated per-view residuals by the secondary codebook (eq. 6);
 L_SQ (eq. 7) is added to the weighted alignment losses (eq. 8). The training loop that fits
 this model to a catalogue is ``msac.py``.
 
 Deviations from the paper (equation numbers below are the paper's):
+
+* By default the secondary codebook is one set of K_s codewords *per primary cluster*
+  (``secondary="per_cluster"``), not one global set (``secondary="global"``, the paper's
+  form). Where the residual after the primary codeword is dominated by an offset that differs
+  per cluster, K_s global codewords quantise those offsets: every cluster collapses into one
+  fine cell and no positive gets hard negatives. Per-cluster codewords quantise the structure
+  inside each cluster, so every cluster splits into up to K_s fine cells.
 
 * M_m is L2-normalised before quantisation (see ``codebook.py``): the alignment loss is
   scale-free, so otherwise L_SQ is minimised by shrinking the maps.
@@ -33,6 +40,10 @@ from torch import nn
 from esans_sampler.codebook import Codebook
 from esans_sampler.errors import InvalidInputError
 
+PER_CLUSTER = "per_cluster"
+GLOBAL = "global"
+SECONDARY_MODES = (PER_CLUSTER, GLOBAL)
+
 # Std of the Gaussian jitter added to a re-seeded codeword, relative to the RMS coordinate
 # of the inputs it is copied from (keeps two re-seeds of one input apart).
 _RESEED_NOISE = 0.01
@@ -51,6 +62,8 @@ class MSACConfig:
         starting value: logits span +-14, sharp enough to separate the one positive from a
         batch of ~1000, while much smaller values make the loss chase the hardest in-batch
         "negatives", which in a clustered catalogue are often items of the same cluster.
+    secondary: ``"per_cluster"`` (default: K_s codewords for each primary cluster) or
+        ``"global"`` (the paper: one codebook of K_s codewords shared by all clusters).
     epochs: passes over the catalogue; 3 keeps a 100k-item, 3-modality build on 2 CPU
         threads well inside two minutes (see benchmarks/bench_build.py).
     kmeans_init_items: this many items, in blocks spread over the catalogue, seed k-means.
@@ -65,6 +78,7 @@ class MSACConfig:
     embedding_dim: int = 512
     num_primary: int = 300
     num_secondary: int = 15
+    secondary: str = PER_CLUSTER
     beta: float = 2.0
     alignment_temperature: float = 0.07
     epochs: int = 3
@@ -95,6 +109,10 @@ class MSACConfig:
         for name, value in {"kmeans_iters": self.kmeans_iters, "seed": self.seed}.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.secondary not in SECONDARY_MODES:
+            raise InvalidInputError(
+                f"secondary must be one of {', '.join(SECONDARY_MODES)}, got {self.secondary!r}"
+            )
         if not (_is_real(self.beta) and self.beta >= 0.0):
             raise InvalidInputError(f"beta must be finite and >= 0, got {self.beta!r}")
         for name, fvalue in {
@@ -145,6 +163,18 @@ def nearest_code(x: torch.Tensor, codewords: torch.Tensor) -> torch.Tensor:
     return scores.argmin(dim=1)
 
 
+def nearest_code_in_cluster(
+    x: torch.Tensor, primary: torch.Tensor, codewords: torch.Tensor
+) -> torch.Tensor:
+    """``argmin_k ||x_i - z[p_i, k]||`` (B,) int64 for per-cluster ``codewords`` (K_p, K_s, D).
+
+    x: (B, D) residuals; primary: (B,) int64 primary codes p_i.
+    """
+    own = codewords[primary]  # (B, K_s, D)
+    scores = torch.einsum("bd,bkd->bk", x, own) * -2.0 + (own * own).sum(dim=2)
+    return scores.argmin(dim=1)
+
+
 def clip_alignment_loss(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE of two L2-normalised views (B, d): row i of ``a`` matches row i of ``b``.
 
@@ -156,7 +186,8 @@ def clip_alignment_loss(a: torch.Tensor, b: torch.Tensor, temperature: float) ->
 
 
 class MSACModel(nn.Module):
-    """Linear maps H_m, primary codebook (K_p, d_m) and secondary codebook (K_s, M * d_m)."""
+    """Linear maps H_m, primary codebook (K_p, d_m) and secondary codebook: (K_p, K_s, M * d_m)
+    per cluster, or (K_s, M * d_m) global (``config.secondary``)."""
 
     def __init__(
         self, input_dims: Sequence[int], config: MSACConfig, generator: torch.Generator
@@ -178,8 +209,9 @@ class MSACModel(nn.Module):
         self.map_biases = nn.ParameterList(biases)
         # Placeholders until k-means (init_codebooks) fills them.
         self.primary_codewords = nn.Parameter(torch.zeros(config.num_primary, d))
+        per_cluster = (config.num_primary,) if config.secondary == PER_CLUSTER else ()
         self.secondary_codewords = nn.Parameter(
-            torch.zeros(config.num_secondary, len(input_dims) * d)
+            torch.zeros(*per_cluster, config.num_secondary, len(input_dims) * d)
         )
 
     @property
@@ -202,6 +234,23 @@ class MSACModel(nn.Module):
         z_p = self.primary_codewords[primary]
         return torch.cat([m - z_p for m in embedded], dim=1)
 
+    @property
+    def per_cluster(self) -> bool:
+        """Whether each primary cluster has its own K_s secondary codewords."""
+        return self.secondary_codewords.ndim == 3
+
+    def secondary_code(self, r_s: torch.Tensor, primary: torch.Tensor) -> torch.Tensor:
+        """Nearest secondary codeword (B,) int64 of residuals ``r_s`` in clusters ``primary``."""
+        if self.per_cluster:
+            return nearest_code_in_cluster(r_s, primary, self.secondary_codewords)
+        return nearest_code(r_s, self.secondary_codewords)
+
+    def secondary_codeword(self, primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
+        """The codewords z_s (B, M * d_m) of the cells (primary, secondary)."""
+        if self.per_cluster:
+            return self.secondary_codewords[primary, secondary]
+        return self.secondary_codewords[secondary]
+
     def alignment_loss(self, embedded: Sequence[torch.Tensor]) -> torch.Tensor:
         """beta * sum over unordered modality pairs of the CLIP loss; 0 when M = 1 (eq. 4, 8)."""
         total = torch.zeros(())
@@ -218,10 +267,11 @@ class MSACModel(nn.Module):
             primary = nearest_code(r_p, self.primary_codewords)
         r_s = self.residuals(embedded, primary)  # eq. 6
         with torch.no_grad():
-            secondary = nearest_code(r_s, self.secondary_codewords)
+            secondary = self.secondary_code(r_s, primary)
         # eq. 7 (batch mean): gradients flow into the maps and into both codebooks.
         primary_error = (r_p - self.primary_codewords[primary]).pow(2).sum(dim=1).mean()
-        secondary_error = (r_s - self.secondary_codewords[secondary]).pow(2).sum(dim=1).mean()
+        z_s = self.secondary_codeword(primary, secondary)
+        secondary_error = (r_s - z_s).pow(2).sum(dim=1).mean()
         sq_loss = primary_error + secondary_error
         alignment = self.alignment_loss(embedded)
         return MSACOutput(

@@ -25,7 +25,7 @@ from esans_sampler.artifact import (
 )
 from esans_sampler.cluster_index import ClusterIndex
 from esans_sampler.codebook import Codebook
-from esans_sampler.errors import ArtifactError, NotFoundError
+from esans_sampler.errors import ArtifactError, InvalidInputError, NotFoundError
 
 N, D, K_P, K_S = 60, 4, 5, 3
 DATA_FILES = ["codebook.npz", "index.npz", "cluster_choice.npy", "embeddings.npy"]
@@ -415,3 +415,44 @@ def test_popularity_round_trips_and_is_checked(tmp_path: Path) -> None:
         dataclasses.replace(base, popularity=-counts - 1)
     with pytest.raises(ArtifactError, match="popularity"):
         dataclasses.replace(base, popularity=counts[:-1])
+
+
+def _per_cluster(art: CodebookArtifact, seed: int = 1) -> CodebookArtifact:
+    z_s = np.random.default_rng(seed).random((K_P, K_S, 2 * D), dtype=np.float32)
+    codebook = dataclasses.replace(art.codebook, secondary_codewords=z_s)
+    return dataclasses.replace(art, codebook=codebook)
+
+
+def test_per_cluster_secondary_codebook_round_trips() -> None:
+    plain = _artifact()
+    art = _per_cluster(plain)
+    assert art.codebook.secondary_mode == "per_cluster" and art.codebook.num_secondary == K_S
+    assert plain.codebook.secondary_mode == "global"
+    files = artifact_to_files(art)
+    back = artifact_from_files(files)
+    np.testing.assert_array_equal(
+        back.codebook.secondary_codewords, art.codebook.secondary_codewords
+    )
+    assert back.version == art.version != plain.version
+    assert manifest_of(files)["summary"]["secondary"] == "per_cluster"
+    assert manifest_of(artifact_to_files(plain))["summary"]["secondary"] == "global"
+
+
+def test_per_cluster_assign_uses_each_items_own_cluster() -> None:
+    codebook = _per_cluster(_artifact()).codebook
+    rng = np.random.default_rng(2)
+    features = {"a": rng.random((40, 7)), "b": rng.random((40, 5))}
+    primary, secondary = codebook.assign(features, batch_size=16)
+    embedded = codebook.embed(features)
+    for i in range(40):
+        z_p = codebook.primary_codewords[primary[i]]
+        r_s = np.concatenate([m[i] - z_p for m in embedded])
+        distances = np.linalg.norm(codebook.secondary_codewords[primary[i]] - r_s, axis=1)
+        assert secondary[i] == np.argmin(distances)
+
+
+@pytest.mark.parametrize("shape", [(K_P + 1, K_S, 2 * D), (K_P, K_S, 2 * D + 1), (2, 2, 2, 8)])
+def test_per_cluster_codewords_of_the_wrong_shape_are_refused(shape: tuple[int, ...]) -> None:
+    codebook = _artifact().codebook
+    with pytest.raises(InvalidInputError, match="secondary codewords"):
+        dataclasses.replace(codebook, secondary_codewords=np.zeros(shape, dtype=np.float32))

@@ -61,12 +61,20 @@ def test_final_codes_equal_numpy_assign(planted: PlantedCatalogue, trained: MSAC
     assert _codes_agree(trained, planted.features) >= 0.999
 
 
+def test_global_secondary_is_the_papers_shared_codebook(planted: PlantedCatalogue) -> None:
+    result = train_msac(planted.features, replace(SMALL, secondary="global"))
+    assert result.codebook.secondary_codewords.shape == (3, 3 * 32)
+    assert result.codebook.secondary_mode == "global"
+    assert _codes_agree(result, planted.features) >= 0.999
+
+
 def test_result_shapes_and_stats(trained: MSACResult) -> None:
     cb = trained.codebook
     assert cb.modality_names == ("image", "text", "graph")
     assert cb.input_dims == (96, 48, 16)
     assert cb.primary_codewords.shape == (8, 32)
-    assert cb.secondary_codewords.shape == (3, 3 * 32)
+    assert cb.secondary_codewords.shape == (8, 3, 3 * 32)  # per primary cluster
+    assert cb.secondary_mode == "per_cluster"
     assert all(w.dtype == np.float32 for w in cb.map_weights)
     assert [h.epoch for h in trained.history] == [0, 1, 2]
     assert trained.final.num_items == 3000
@@ -89,7 +97,7 @@ def test_single_modality_has_no_alignment_term(planted: PlantedCatalogue) -> Non
     result = train_msac(features, replace(SMALL, epochs=2))
     assert all(h.alignment_loss == 0.0 for h in result.history)
     assert all(h.total_loss == pytest.approx(h.sq_loss) for h in result.history)
-    assert result.codebook.secondary_codewords.shape == (3, 32)
+    assert result.codebook.secondary_codewords.shape == (8, 3, 32)
     assert adjusted_rand_index(planted.planted_primary, result.primary) >= MIN_PLANTED_ARI
     assert _codes_agree(result, features) >= 0.999
 
@@ -218,13 +226,15 @@ def test_bad_config_is_rejected(overrides: dict[str, Any]) -> None:
 # --- training mechanics -------------------------------------------------------------------
 
 
-def test_one_step_moves_maps_and_both_codebooks() -> None:
-    config = replace(SMALL, num_primary=4, num_secondary=2)
+@pytest.mark.parametrize("secondary", ["per_cluster", "global"])
+def test_one_step_moves_maps_and_both_codebooks(secondary: str) -> None:
+    config = replace(SMALL, num_primary=4, num_secondary=2, secondary=secondary)
     gen = torch.Generator().manual_seed(0)
     model = MSACModel([6, 5], config, gen)
     with torch.no_grad():
         model.primary_codewords.copy_(torch.randn(4, 32, generator=gen) * 0.1)
-        model.secondary_codewords.copy_(torch.randn(2, 64, generator=gen) * 0.1)
+        shape = model.secondary_codewords.shape
+        model.secondary_codewords.copy_(torch.randn(shape, generator=gen) * 0.1)
     batch = [torch.randn(64, 6, generator=gen), torch.randn(64, 5, generator=gen)]
     before = [p.detach().clone() for p in model.parameters()]
     out = model(batch)
@@ -241,13 +251,15 @@ def test_one_step_moves_maps_and_both_codebooks() -> None:
         assert not torch.equal(param.detach(), old), name
 
 
-def test_forward_matches_the_equations() -> None:
-    config = replace(SMALL, num_primary=3, num_secondary=2, beta=1.5)
+@pytest.mark.parametrize("secondary", ["per_cluster", "global"])
+def test_forward_matches_the_equations(secondary: str) -> None:
+    config = replace(SMALL, num_primary=3, num_secondary=2, beta=1.5, secondary=secondary)
     gen = torch.Generator().manual_seed(1)
     model = MSACModel([4, 4], config, gen)
     with torch.no_grad():
         model.primary_codewords.copy_(torch.randn(3, 32, generator=gen) * 0.3)
-        model.secondary_codewords.copy_(torch.randn(2, 64, generator=gen) * 0.3)
+        shape = model.secondary_codewords.shape
+        model.secondary_codewords.copy_(torch.randn(shape, generator=gen) * 0.3)
     batch = [torch.randn(16, 4, generator=gen), torch.randn(16, 4, generator=gen)]
     out = model(batch)
     with torch.no_grad():
@@ -259,10 +271,13 @@ def test_forward_matches_the_equations() -> None:
         c_p = torch.cdist(r_p, model.primary_codewords).argmin(dim=1)
         z = model.primary_codewords[c_p]
         r_s = torch.cat([m[0] - z, m[1] - z], dim=1)
-        c_s = torch.cdist(r_s, model.secondary_codewords).argmin(dim=1)
-        sq = ((r_p - z) ** 2).sum(1).mean() + ((r_s - model.secondary_codewords[c_s]) ** 2).sum(
-            1
-        ).mean()
+        if secondary == "global":  # eq. 6-7: one codebook for every cluster
+            own = model.secondary_codewords.expand(16, -1, -1)
+        else:  # each item's own cluster's codewords
+            own = model.secondary_codewords[c_p]
+        c_s = torch.stack([torch.cdist(r_s[i : i + 1], own[i]).argmin() for i in range(16)])
+        z_s = own[torch.arange(16), c_s]
+        sq = ((r_p - z) ** 2).sum(1).mean() + ((r_s - z_s) ** 2).sum(1).mean()
         logits = m[0] @ m[1].T / config.alignment_temperature
         target = torch.arange(16)
         clip = 0.5 * (
@@ -310,6 +325,9 @@ def test_reseed_threshold_counts_rare_codewords_as_dead(planted: PlantedCatalogu
     config = replace(SMALL, epochs=2, reseed_min_count=3001)
     result = train_msac(planted.features, config)
     assert result.history[0].reseeded_primary == config.num_primary
+    # per primary cluster: every fine cell's codeword
+    assert result.history[0].reseeded_secondary == config.num_primary * config.num_secondary
+    result = train_msac(planted.features, replace(config, secondary="global"))
     assert result.history[0].reseeded_secondary == config.num_secondary
 
 
