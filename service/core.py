@@ -27,6 +27,7 @@ from esans_sampler.errors import (
     ResourceExhaustedError,
 )
 from esans_sampler.sampler import NegativeSample, NegativeSampler
+from esans_sampler.stats import hard_coverage
 from service.errors import DeadlineExceededError
 from service.metrics import ServiceMetrics
 from service.registry import CodebookRegistry, LoadedCodebook
@@ -108,6 +109,9 @@ class CodebookInfo:
     created_at: str
     metadata: dict[str, Any] = field(default_factory=dict)
     stale: bool = False
+    secondary_quantisation: str = ""
+    hard_candidate_share: float = 0.0  # items with >= hard_candidate_m_h hard candidates
+    hard_candidate_m_h: int = 0
 
     @property
     def metadata_json(self) -> str:
@@ -283,6 +287,7 @@ class SamplingService:
         artifact = codebook.artifact
         table = artifact.embeddings
         created_at = artifact.metadata.get("created_at")
+        coverage = hard_coverage(artifact.index.fine_sizes, self._settings.default_m_h)
         return CodebookInfo(
             version=codebook.version,
             active=codebook.version == self._registry.active_version,
@@ -295,6 +300,9 @@ class SamplingService:
             created_at=created_at if isinstance(created_at, str) else "",
             metadata=artifact.metadata,
             stale=self._registry.stale,
+            secondary_quantisation=artifact.codebook.secondary_mode,
+            hard_candidate_share=coverage.share_with_m_h,
+            hard_candidate_m_h=coverage.m_h,
         )
 
 
@@ -303,6 +311,7 @@ def _count_served(
 ) -> None:
     served = metrics.negatives
     hard = int(sample.hard_counts.sum())
+    metrics.hard_slots.labels(sample.sampler).inc(sample.hard_ids.size)
     served.labels(sample.sampler, "simple").inc(sample.simple_ids.size)
     served.labels(sample.sampler, "hard").inc(hard)
     if embeddings is not None:

@@ -142,6 +142,9 @@ def info_to_json(info: CodebookInfo) -> dict[str, Any]:
         "created_at": info.created_at,
         "metadata_json": info.metadata_json,
         "stale": info.stale,
+        "secondary_quantisation": info.secondary_quantisation,
+        "hard_candidate_share": info.hard_candidate_share,
+        "hard_candidate_m_h": info.hard_candidate_m_h,
     }
 
 

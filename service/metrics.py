@@ -83,6 +83,13 @@ class ServiceMetrics:
             ["sampler", "kind"],
             registry=r,
         )
+        self.hard_slots = Counter(
+            "esans_hard_slots_requested",
+            "Hard-negative slots asked for (B * m_h), by sampler; the fill is "
+            "esans_negatives_served_total{kind=hard} over this",
+            ["sampler"],
+            registry=r,
+        )
         self.active_codebook = Info(
             "esans_active_codebook", "The codebook version served by default", registry=r
         )

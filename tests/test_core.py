@@ -21,6 +21,7 @@ from esans_sampler.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from esans_sampler.stats import hard_coverage
 from service.core import SampleRequest, SampleResult, SamplingService
 from service.embedded_redis import EmbeddedRedis
 from service.errors import DeadlineExceededError
@@ -257,6 +258,9 @@ def test_codebook_info(stack: Stack) -> None:
     assert (info.num_items, info.num_primary, info.num_secondary) == (NUM_ITEMS, 8, 4)
     assert info.embedding_dim == 8 and info.modalities == ["image", "text"]
     assert '"seed": 1' in info.metadata_json
+    assert info.secondary_quantisation == "global" and info.hard_candidate_m_h == 5
+    coverage = hard_coverage(stack.registry.get().artifact.index.fine_sizes, 5)
+    assert info.hard_candidate_share == coverage.share_with_m_h > 0
     pinned = stack.service.codebook_info(stack.without_snapshot)
     assert not pinned.active and pinned.embedding_dim == 0
     assert stack.without_snapshot in pinned.loaded_versions

@@ -532,6 +532,7 @@ def _exported_samples() -> dict[str, set[str]]:
     with metrics.track("grpc", "SampleNegatives"):
         pass
     metrics.negatives.labels("esans", "simple").inc()
+    metrics.hard_slots.labels("esans").inc()
     metrics.rejected.inc()
     metrics.codebook_swapped("v1")
     metrics.store_error(RuntimeError())

@@ -231,6 +231,8 @@ def test_codebook_info(stub: Stub, runtime: ServiceRuntime) -> None:
     assert (info.num_items, info.num_primary, info.num_secondary) == (200, 8, 4)
     assert info.embedding_dim == 8 and list(info.modalities) == ["image", "text"]
     assert json.loads(info.metadata_json)["seed"] == 1
+    assert info.secondary_quantisation == "global" and info.hard_candidate_m_h == 5
+    assert 0 < info.hard_candidate_share <= 1
     assert info.version in info.loaded_versions
 
 

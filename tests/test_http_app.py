@@ -225,6 +225,8 @@ def test_codebook_info(http: httpx.Client, runtime: ServiceRuntime, plain_versio
     info = http.get("/v1/codebook").json()
     assert info["version"] == runtime.registry.active_version and info["active"]
     assert info["num_items"] == 200 and info["embedding_dim"] == 8 and not info["stale"]
+    assert info["secondary_quantisation"] == "global" and info["hard_candidate_m_h"] == 5
+    assert 0 < info["hard_candidate_share"] <= 1
     pinned = http.get("/v1/codebook", params={"version": plain_version}).json()
     assert pinned["version"] == plain_version and not pinned["active"]
     assert pinned["embedding_dim"] == 0
@@ -250,13 +252,23 @@ def test_probes(http: httpx.Client, empty: httpx.Client, runtime: ServiceRuntime
 
 
 def test_metrics(http: httpx.Client, ids: list[int]) -> None:
-    http.post("/v1/sample", json={"positive_ids": ids})
+    before = _sample_value(http, 'esans_hard_slots_requested_total{sampler="esans"}')
+    http.post("/v1/sample", json={"positive_ids": ids, "m_h": 3})
     text = http.get("/metrics").text
+    after = _sample_value(http, 'esans_hard_slots_requested_total{sampler="esans"}')
+    assert after - before == 3 * len(ids)  # B * m_h slots, filled or not
     assert 'esans_requests_total{method="/v1/sample",status="200",transport="http"}' in text
     assert "esans_request_latency_seconds_bucket" in text
     assert 'esans_negatives_served_total{kind="simple",sampler="esans"}' in text
     assert "esans_active_codebook_info{version=" in text
     assert "esans_codebook_stale 0.0" in text
+
+
+def _sample_value(http: httpx.Client, sample: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[1])
+    return 0.0
 
 
 # ----------------------------------------------------------------------------- admin

@@ -120,7 +120,7 @@ class GetCodebookInfoRequest(_message.Message):
     def __init__(self, codebook_version: _Optional[str] = ...) -> None: ...
 
 class GetCodebookInfoResponse(_message.Message):
-    __slots__ = ("version", "active", "loaded_versions", "num_items", "num_primary", "num_secondary", "embedding_dim", "modalities", "created_at", "metadata_json", "stale")
+    __slots__ = ("version", "active", "loaded_versions", "num_items", "num_primary", "num_secondary", "embedding_dim", "modalities", "created_at", "metadata_json", "stale", "secondary_quantisation", "hard_candidate_share", "hard_candidate_m_h")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     LOADED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,9 @@ class GetCodebookInfoResponse(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
+    SECONDARY_QUANTISATION_FIELD_NUMBER: _ClassVar[int]
+    HARD_CANDIDATE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    HARD_CANDIDATE_M_H_FIELD_NUMBER: _ClassVar[int]
     version: str
     active: bool
     loaded_versions: _containers.RepeatedScalarFieldContainer[str]
@@ -143,4 +146,7 @@ class GetCodebookInfoResponse(_message.Message):
     created_at: str
     metadata_json: str
     stale: bool
-    def __init__(self, version: _Optional[str] = ..., active: _Optional[bool] = ..., loaded_versions: _Optional[_Iterable[str]] = ..., num_items: _Optional[int] = ..., num_primary: _Optional[int] = ..., num_secondary: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., created_at: _Optional[str] = ..., metadata_json: _Optional[str] = ..., stale: _Optional[bool] = ...) -> None: ...
+    secondary_quantisation: str
+    hard_candidate_share: float
+    hard_candidate_m_h: int
+    def __init__(self, version: _Optional[str] = ..., active: _Optional[bool] = ..., loaded_versions: _Optional[_Iterable[str]] = ..., num_items: _Optional[int] = ..., num_primary: _Optional[int] = ..., num_secondary: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., created_at: _Optional[str] = ..., metadata_json: _Optional[str] = ..., stale: _Optional[bool] = ..., secondary_quantisation: _Optional[str] = ..., hard_candidate_share: _Optional[float] = ..., hard_candidate_m_h: _Optional[int] = ...) -> None: ...
