@@ -9,6 +9,7 @@ K_p and K_s are chosen by a small sweep of full ESANS on the VALIDATION split.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,11 +33,13 @@ from esans_sampler.build import build_artifact
 from esans_sampler.catalogue import Catalogue, validate_catalogue
 from esans_sampler.client import SamplerClient, SampleResponse
 from esans_sampler.msac import MSACConfig
+from esans_sampler.stats import hard_coverage
 from esans_sampler.trainer import esans_loss
 
 IntArray = npt.NDArray[np.int64]
 FULL = "full"
 BEHAVIOUR_ONLY = "behaviour"
+GLOBAL_SECONDARY = "global"  # the three views with the paper's one global secondary codebook
 KS = (50, 200)
 
 
@@ -71,6 +74,14 @@ METHODS: tuple[Method, ...] = (
     Method("ESANS w/o EDIS", "esans", m_h=5, use_edis=False, ablation=True),
     Method("ESANS w/o secondary codebook", "esans", m_h=0, use_edis=True, ablation=True),
     Method("ESANS w/o multimodal", "esans", BEHAVIOUR_ONLY, m_h=5, use_edis=True, ablation=True),
+    Method(
+        "ESANS global secondary (paper)",
+        "esans",
+        GLOBAL_SECONDARY,
+        m_h=5,
+        use_edis=True,
+        ablation=True,
+    ),
 )
 
 
@@ -125,6 +136,7 @@ class RunResult:
     hard_fill: float
     seconds: float
     steps: int
+    hard_train_negative_rate: float = math.nan  # real hard negatives the row's user trained on
 
 
 @dataclass
@@ -197,8 +209,9 @@ def prepare(dataset: Dataset, budget: Budget, cache_dir: str | Path) -> Prepared
 def build_codebook(
     data: Prepared, variant: str, num_primary: int, num_secondary: int, budget: Budget
 ) -> CodebookArtifact:
-    """MSAC on the three modalities (``full``) or on behaviour only."""
-    names = ("text", "behaviour", "metadata") if variant == FULL else ("behaviour",)
+    """MSAC on the three modalities (``full``; ``global``: with the paper's global secondary
+    codebook instead of the default per-cluster one) or on behaviour only."""
+    names = ("behaviour",) if variant == BEHAVIOUR_ONLY else ("text", "behaviour", "metadata")
     n = data.dataset.num_items
     catalogue = Catalogue(
         item_ids=np.arange(n, dtype=np.int64),
@@ -210,6 +223,7 @@ def build_codebook(
         embedding_dim=budget.msac_dim,
         num_primary=num_primary,
         num_secondary=num_secondary,
+        secondary="global" if variant == GLOBAL_SECONDARY else "per_cluster",
         epochs=budget.msac_epochs,
         batch_size=256,
         kmeans_init_items=n,
@@ -277,7 +291,7 @@ def train_run(
     num_epochs = budget.epochs if epochs is None else epochs
     curve: list[dict[int, float]] = []
     sampled = heldout_hits = train_hits = 0
-    hard_slots = hard_filled = 0
+    hard_slots = hard_filled = hard_train_hits = 0
     num_items = data.dataset.num_items
     steps = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -342,7 +356,11 @@ def train_run(
                 heldout_hits += int(((neg[:, :, None] == held[:, None, :]).any(-1) & valid).sum())
                 keys = ex_users[:, None] * num_items + neg
                 pos = np.searchsorted(data.train_keys, keys).clip(max=len(data.train_keys) - 1)
-                train_hits += int(((data.train_keys[pos] == keys) & valid).sum())
+                is_train = (data.train_keys[pos] == keys) & valid
+                train_hits += int(is_train.sum())
+                hard_train_hits += int(
+                    is_train[:, neg.shape[1] - response.hard_ids.shape[1] :].sum()
+                )
                 sampled += int(valid.sum())
                 hard_slots += response.hard_ids.size
                 hard_filled += int(response.hard_counts.sum())
@@ -358,6 +376,7 @@ def train_run(
         hard_fill=hard_filled / hard_slots if hard_slots else float("nan"),
         seconds=time.perf_counter() - started,
         steps=steps,
+        hard_train_negative_rate=hard_train_hits / hard_filled if hard_filled else math.nan,
     )
 
 
@@ -399,6 +418,8 @@ def codebook_summary(data: Prepared, artifact: CodebookArtifact) -> dict[str, An
         "version": artifact.short_version,
         "modalities": list(artifact.codebook.modality_names),
         "stats": stats,
+        "secondary": artifact.codebook.secondary_mode,
+        "hard_coverage": hard_coverage(artifact.index.fine_sizes).as_dict(),
         "effective_clusters_median": float(np.median(np.exp(ent[sizes > 0]))),
         "examples": cluster_examples(data, artifact),
     }
@@ -484,7 +505,7 @@ def run_experiment(
 
         clock = time.perf_counter()
         versions: dict[str, str] = {}
-        for variant in (FULL, BEHAVIOUR_ONLY):
+        for variant in sorted({m.codebook for m in methods if m.sampler == "esans"} | {FULL}):
             artifact = build_codebook(data, variant, kp, ks, budget)
             versions[variant] = service.publish(artifact)
             result.codebooks[variant] = codebook_summary(data, artifact)

@@ -66,6 +66,18 @@ def _table(result: ExperimentResult, names: list[str], reference: str) -> list[s
     return lines
 
 
+def _coverage_line(summary: dict[str, Any]) -> list[str]:
+    coverage = summary.get("hard_coverage")
+    if not coverage:
+        return []
+    return [
+        f"- secondary codebook: {summary.get('secondary', 'global')}; fine cells per cluster "
+        f"min {coverage['cells_per_cluster_min']}, median {coverage['cells_per_cluster_median']:g}"
+        f", max {coverage['cells_per_cluster_max']}; items with >= {coverage['m_h']} hard "
+        f"candidates {coverage['share_with_m_h']:.1%}"
+    ]
+
+
 def _relative(runs: list[RunResult], base: list[RunResult], k: int) -> float:
     m, _ = _stats(runs, "test", k)
     b, _ = _stats(base, "test", k)
@@ -92,6 +104,7 @@ def findings(result: ExperimentResult) -> list[str]:
         ("ESANS w/o EDIS", "EDIS"),
         ("ESANS w/o secondary codebook", "hard negatives (secondary codebook)"),
         ("ESANS w/o multimodal", "the text and metadata views in MSAC"),
+        ("ESANS global secondary (paper)", "per-cluster secondary codebooks (the default)"),
     ):
         if name in groups:
             delta = [_stats(esans, "test", k)[0] - _stats(groups[name], "test", k)[0] for k in KS]
@@ -236,16 +249,18 @@ def render(result: ExperimentResult, command: str, plot_name: str | None) -> str
         "## Negatives per positive",
         "",
         "| method | sampler | codebook | sampled | virtual "
-        "(EDIS) | held-out negatives | hard slots filled |",
-        "|---|---|---|---|---|---|---|",
+        "(EDIS) | held-out negatives | hard slots filled | hard negatives the user trained on |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in result.methods:
         runs = groups.get(m["name"], [])
         held = np.mean([r.heldout_negative_rate for r in runs]) if runs else math.nan
         fill = np.mean([r.hard_fill for r in runs]) if runs else math.nan
+        hard_train = np.mean([r.hard_train_negative_rate for r in runs]) if runs else math.nan
         lines.append(
             f"| {m['name']} | {m['sampler']} | {m['codebook']} | {m['sampled']} | {m['virtual']} "
-            f"| {held:.3%} | {'-' if math.isnan(fill) else f'{fill:.1%}'} |"
+            f"| {held:.3%} | {'-' if math.isnan(fill) else f'{fill:.1%}'} "
+            f"| {'-' if math.isnan(hard_train) else f'{hard_train:.1%}'} |"
         )
     lines += [
         "",
@@ -294,6 +309,7 @@ def render(result: ExperimentResult, command: str, plot_name: str | None) -> str
             f"(perplexity {st.get('primary_perplexity', 0):.1f}); secondary used "
             f"{st.get('secondary_used')} / {st.get('num_secondary')}; fine cells used "
             f"{st.get('fine_cells_used')}",
+            *_coverage_line(summary),
             f"- cluster sizes: min {st.get('cluster_size_min')}, median "
             f"{st.get('cluster_size_median')}, max {st.get('cluster_size_max')}; median "
             f"effective number of clusters per cluster-choice row "
