@@ -56,7 +56,7 @@ def _is_real(value: object) -> bool:
 
 @dataclass(frozen=True)
 class MSACConfig:
-    """Hyper-parameters of an MSAC build (defaults: paper Table 6 and ESANS-SPEC).
+    """Hyper-parameters of an MSAC build (defaults: the paper's Table 6 and the README).
 
     alignment_temperature: fixed CLIP temperature on cosine similarity. 0.07 is CLIP's
         starting value: logits span +-14, sharp enough to separate the one positive from a

@@ -141,7 +141,7 @@ def codebook_stats(
     )
 
 
-DEFAULT_M_H = 5  # hard negatives per positive asked for by default (ESANS-SPEC, m_h)
+DEFAULT_M_H = 5  # hard negatives per positive asked for by default (m_h; the paper gives none)
 # Below this share of items with m_h hard candidates, builds and inspect warn.
 HARD_COVERAGE_WARNING = 0.9
 

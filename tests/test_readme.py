@@ -1,6 +1,7 @@
 """Every command and snippet of the README's quickstart and training example, run for real:
-an `esans publish` into a real embedded Redis, an `esans serve` process, then the README's curl,
-gRPC and training commands against it (ports swapped for free ones)."""
+`esans serve --demo` (what `make run` starts: an embedded Redis, the demo catalogue built and
+published), then the README's curl, gRPC and training commands against it (ports swapped for
+free ones)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import build_random_artifact
-
-from esans_sampler.artifact import save_artifact
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -48,25 +46,16 @@ def _localise(command: str, grpc_port: int, http_port: int) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
     work = tmp_path_factory.mktemp("readme")
-    artifact = build_random_artifact(
-        num_items=20_000, num_primary=40, num_secondary=5, dim=16, first_id=1_000_000
-    )
-    save_artifact(artifact, work / "artifact")
     env = {**os.environ, "ESANS_DATA_DIR": str(work / "redis")}
     env.pop("ESANS_REDIS_URL", None)
-    published = subprocess.run(
-        [*ESANS, "publish", str(work / "artifact")],
-        env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
-    )  # fmt: skip
-    assert published.returncode == 0, published.stderr
-    assert artifact.version in published.stdout
     grpc_port, http_port = _free_port(), _free_port()
+    command = [*ESANS, "serve", "--demo", "--demo-dir", str(work / "demo")]
     proc = subprocess.Popen(
-        [*ESANS, "serve", "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
+        [*command, "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # the demo build takes ~40 s on 2 idle cores
         while True:
             try:
                 if httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200:
@@ -110,7 +99,10 @@ def test_readme_curl_and_grpc_calls_agree(server: tuple[int, int]) -> None:
     assert body["codebook_version"].startswith(version)
     assert simple_shape == "(2, 2, 5)" and tuple(body["simple_ids"]["shape"]) == (2, 2, 5)
     assert hard_shape == "(2, 5)"
-    assert virtual_shape == "(2, 2, 14, 16)"
+    assert virtual_shape == "(2, 2, 14, 64)"
+    # As the README shows: the demo gives each positive all m_h = 5 hard negatives.
+    assert body["hard_counts"]["data"] == [5, 5]
+    assert min(body["hard_ids"]["data"]) >= 1_000_000
 
 
 def test_readme_training_example_runs(server: tuple[int, int]) -> None:
