@@ -64,13 +64,14 @@ def refine_per_cluster(
     """Refine ``codewords`` (K_p, K_s, D) in place on residuals ``r_s`` (n, D) of clusters
     ``primary`` (n,); returns how many clusters took the fresh k-means solution.
 
-    Clusters with fewer sampled items than K_s are left as trained.
+    ``r_s`` may be stored in lower precision; each cluster's rows are computed on in the
+    codewords' dtype. Clusters with fewer sampled items than K_s are left as trained.
     """
     num_secondary = codewords.shape[1]
     replaced = 0
     with torch.no_grad():
         for p in torch.unique(primary).tolist():
-            members = r_s[primary == p]
+            members = r_s[primary == p].to(codewords.dtype)
             if members.shape[0] < num_secondary:
                 continue
             best, best_potential = lloyd(members, codewords[p], num_iters)
