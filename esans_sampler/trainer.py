@@ -43,7 +43,8 @@ def esans_negatives(
     """Simple, hard and (with ``use_edis``) EDIS virtual negatives for each of the B rows.
 
     ``positive_embeddings`` (B, d) are the item-tower outputs of the positives. Hard slots
-    past ``response.hard_counts`` are masked, as are their virtual twins.
+    past ``response.hard_counts`` are masked, as are their virtual twins; ``embed_items`` is
+    only ever called with ids the response returned as negatives.
     """
     device = positive_embeddings.device
     batch = positive_embeddings.shape[0]
@@ -53,8 +54,12 @@ def esans_negatives(
         return torch.from_numpy(np.array(array)).to(device)
 
     simple_ids = tensor(response.simple_ids)
-    hard_ids = tensor(np.maximum(response.hard_ids, 0))
-    hard_valid = tensor(response.hard_valid)
+    # Padded hard slots (id -1) are masked below, but ``embed_items`` still sees them: give
+    # them the row's first simple negative, an id every item tower knows.
+    valid = response.hard_valid
+    stand_in = response.simple_ids.reshape(batch, -1)[:, :1]
+    hard_ids = tensor(np.where(valid, response.hard_ids, stand_in))
+    hard_valid = tensor(valid)
     simple = embed_items(simple_ids)  # (B, m_c, m_o, d)
     hard = embed_items(hard_ids) * hard_valid[..., None]  # (B, m_h, d)
     dim = simple.shape[-1]
