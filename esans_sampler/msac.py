@@ -1,19 +1,20 @@
 """MSAC training: fit an :class:`MSACModel` to a catalogue with mini-batch Adam (sec. 3.3.1-2).
 
 The model, its losses and :class:`MSACConfig` are in ``msac_model.py``; this module
-initialises the codebooks by k-means, runs the epochs, re-seeds dead codewords and assigns
-every item its codes. ``MSACConfig`` is re-exported here, next to :func:`train_msac`.
+initialises the codebooks by k-means, runs the epochs, re-seeds dead codewords, refines
+per-cluster secondary codewords (``secondary.py``) and assigns every item its codes.
+``MSACConfig`` is re-exported here, next to :func:`train_msac`.
 
 Deviation from the paper: codewords used by fewer than ``reseed_min_count`` items during an
 epoch are re-seeded on recent batch inputs (not after the last epoch, so the returned
 codebook is a trained one).
 
-The catalogue is streamed: mini-batches are contiguous row ranges read one at a time, in a
-shuffled order each epoch, so memory-mapped features larger than RAM work. Rows inside a
-batch are catalogue neighbours, so a catalogue sorted by category gets harder in-batch
-negatives; shuffle such a catalogue's rows once before the build. The k-means
-initialisation reads ``kmeans_init_items`` rows in contiguous blocks spread evenly over the
-catalogue, so it sees every part of a sorted one.
+The catalogue is streamed (``feature_stream.py``): mini-batches are contiguous row ranges
+read one at a time, in a shuffled order each epoch, so memory-mapped features larger than RAM
+work. Rows inside a batch are catalogue neighbours, so a catalogue sorted by category gets
+harder in-batch negatives; shuffle such a catalogue's rows once before the build. The k-means
+initialisation (and the refinement) reads ``kmeans_init_items`` rows in contiguous blocks
+spread evenly over the catalogue, so it sees every part of a sorted one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -31,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from esans_sampler.codebook import Codebook
-from esans_sampler.errors import InvalidInputError
+from esans_sampler.feature_stream import FeatureMatrix, check_features, read_batch, spread_blocks
 from esans_sampler.kmeans import kmeans
 from esans_sampler.msac_model import (
     MSACConfig,
@@ -55,15 +56,6 @@ CodeArray = npt.NDArray[np.int32]
 
 # Recent batches whose embeddings are kept as re-seeding candidates.
 _RESEED_BATCHES = 2
-
-
-class FeatureMatrix(Protocol):
-    """A 2-D (N, D_m) matrix that can be sliced by rows: ndarray, np.memmap, h5py dataset."""
-
-    @property
-    def shape(self) -> tuple[int, ...]: ...
-
-    def __getitem__(self, key: slice, /) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -124,42 +116,6 @@ def _torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _check_features(
-    features: Mapping[str, FeatureMatrix],
-) -> tuple[list[str], list[FeatureMatrix], int]:
-    if not isinstance(features, Mapping) or not features:
-        raise InvalidInputError("features must be a non-empty mapping of modality name -> matrix")
-    names = [str(n) for n in features]
-    mats = list(features.values())
-    rows = set()
-    for name, mat in zip(names, mats, strict=True):
-        shape = getattr(mat, "shape", None)
-        if shape is None or len(shape) != 2 or shape[1] < 1:
-            raise InvalidInputError(f"modality {name!r} must be a 2-D (N, D_m) matrix, got {shape}")
-        dtype = getattr(mat, "dtype", None)
-        if dtype is not None and not (
-            np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
-        ):
-            raise InvalidInputError(f"modality {name!r} has non-numeric dtype {dtype}")
-        rows.add(int(shape[0]))
-    if len(rows) != 1:
-        raise InvalidInputError(f"modalities disagree on the number of items: {sorted(rows)}")
-    return names, mats, rows.pop()
-
-
-def _read_batch(
-    names: Sequence[str], mats: Sequence[FeatureMatrix], start: int, stop: int
-) -> list[torch.Tensor]:
-    """Rows [start, stop) of every modality as fresh float32 tensors (one batch in memory)."""
-    out = []
-    for name, mat in zip(names, mats, strict=True):
-        block = np.array(mat[start:stop], dtype=np.float32)  # copy: memmaps are read-only
-        if not np.isfinite(block).all():
-            raise InvalidInputError(f"modality {name!r} has NaN or inf in rows {start}..{stop - 1}")
-        out.append(torch.from_numpy(block))
-    return out
-
-
 def _init_codebooks(
     model: MSACModel,
     names: Sequence[str],
@@ -171,7 +127,7 @@ def _init_codebooks(
     secondary on R_s."""
     config = model.config
     n_init = _sample_size(config, num_items)
-    blocks = _init_blocks(num_items, n_init, config.batch_size)
+    blocks = spread_blocks(num_items, n_init, config.batch_size)
     d = config.embedding_dim
     num_modalities = model.num_modalities
     with torch.no_grad():
@@ -182,7 +138,7 @@ def _init_codebooks(
         filled = 0
         for start, stop in blocks:
             rows = slice(filled, filled + stop - start)
-            for m, emb in enumerate(model.embed(_read_batch(names, mats, start, stop))):
+            for m, emb in enumerate(model.embed(read_batch(names, mats, start, stop))):
                 r_s[rows, m * d : (m + 1) * d] = emb
                 r_p[rows] += emb
             filled += stop - start
@@ -222,9 +178,6 @@ def _init_codebooks(
             model.secondary_codewords.copy_(z_s)
 
 
-_MIN_INIT_BLOCKS = 16
-
-
 def _sample_size(config: MSACConfig, num_items: int) -> int:
     """Items sampled (spread over the catalogue) to fit the codebooks by k-means."""
     return min(num_items, max(config.kmeans_init_items, config.num_primary))
@@ -247,9 +200,9 @@ def _refine_secondary(
     primary = torch.empty(n, dtype=torch.int64)
     filled = 0
     with torch.no_grad():
-        for start, stop in _init_blocks(num_items, n, config.batch_size):
+        for start, stop in spread_blocks(num_items, n, config.batch_size):
             rows = slice(filled, filled + stop - start)
-            embedded = model.embed(_read_batch(names, mats, start, stop))
+            embedded = model.embed(read_batch(names, mats, start, stop))
             primary[rows] = nearest_code(torch.stack(embedded).mean(dim=0), model.primary_codewords)
             r_s[rows] = model.residuals(embedded, primary[rows])
             filled += stop - start
@@ -270,25 +223,6 @@ def _size_quantiles(counts: torch.Tensor) -> tuple[int, ...]:
     """Primary cluster sizes of an epoch at :data:`CLUSTER_SIZE_QUANTILES` (a compact histogram)."""
     sizes = counts.numpy()
     return tuple(int(v) for v in np.percentile(sizes, CLUSTER_SIZE_QUANTILES, method="nearest"))
-
-
-def _init_blocks(num_items: int, n_init: int, block_rows: int) -> list[tuple[int, int]]:
-    """Contiguous row ranges, ``n_init`` rows in all, spread evenly over the catalogue.
-
-    Contiguous so a memory-mapped file is read sequentially; spread so a catalogue sorted by
-    category still seeds k-means with every part of it, not just its first rows.
-    """
-    num_blocks = max(-(-n_init // block_rows), min(_MIN_INIT_BLOCKS, n_init))
-    rows_per_block = -(-n_init // num_blocks)
-    stride = num_items // num_blocks
-    if stride < rows_per_block:
-        return [(start, min(start + block_rows, n_init)) for start in range(0, n_init, block_rows)]
-    blocks = []
-    for k in range(num_blocks):
-        size = min(rows_per_block, n_init - k * rows_per_block)
-        if size > 0:
-            blocks.append((k * stride, k * stride + size))
-    return blocks
 
 
 def _reset_adam_rows(
@@ -343,7 +277,7 @@ def _assign_all(
     with torch.no_grad():
         for start in range(0, num_items, model.config.batch_size):
             stop = min(start + model.config.batch_size, num_items)
-            embedded = model.embed(_read_batch(names, mats, start, stop))
+            embedded = model.embed(read_batch(names, mats, start, stop))
             r_p = torch.stack(embedded).mean(dim=0)  # eq. 5
             c_p = nearest_code(r_p, model.primary_codewords)
             c_s = model.secondary_code(model.residuals(embedded, c_p), c_p)
@@ -371,7 +305,7 @@ def train_msac(
         :class:`MSACResult`; ``result.primary`` / ``result.secondary`` (N,) int32 equal
         ``result.codebook.assign(features)`` up to float ties.
     """
-    names, mats, num_items = _check_features(features)
+    names, mats, num_items = check_features(features)
     config.check_catalogue(num_items)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -400,7 +334,7 @@ def train_msac(
                 recent: deque[list[torch.Tensor]] = deque(maxlen=_RESEED_BATCHES)
                 for start in rng.permutation(starts):
                     stop = min(int(start) + config.batch_size, num_items)
-                    out = model(_read_batch(names, mats, int(start), stop))
+                    out = model(read_batch(names, mats, int(start), stop))
                     optimizer.zero_grad(set_to_none=True)
                     out.total_loss.backward()
                     optimizer.step()

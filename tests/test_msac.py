@@ -338,9 +338,9 @@ def test_reseed_threshold_counts_rare_codewords_as_dead(planted: PlantedCatalogu
 def test_init_blocks_cover_n_init_rows_spread_without_overlap(
     num_items: int, n_init: int, block_rows: int
 ) -> None:
-    from esans_sampler.msac import _init_blocks
+    from esans_sampler.feature_stream import spread_blocks
 
-    blocks = _init_blocks(num_items, n_init, block_rows)
+    blocks = spread_blocks(num_items, n_init, block_rows)
     assert sum(stop - start for start, stop in blocks) == n_init
     assert all(0 <= start < stop <= num_items for start, stop in blocks)
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(blocks))
