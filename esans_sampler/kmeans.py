@@ -97,7 +97,7 @@ def _seed(
     return x[torch.randperm(x.shape[0], generator=generator)[:num_clusters]].clone()
 
 
-def _potential(x: torch.Tensor, centroids: torch.Tensor) -> float:
+def potential(x: torch.Tensor, centroids: torch.Tensor) -> float:
     """Sum of squared distances of the rows of ``x`` to their nearest centroid."""
     return float(nearest_centroid(x, centroids)[1].double().sum().item())
 
@@ -172,12 +172,12 @@ def kmeans(
             raise InvalidInputError("k-means input contains NaN, inf or values too large")
         seeds = _seed(x, num_clusters, init, generator)
         if num_restarts > 1:
-            best = _potential(x, seeds)
+            best = potential(x, seeds)
             for _ in range(num_restarts - 1):
                 candidate = _seed(x, num_clusters, init, generator)
-                potential = _potential(x, candidate)
-                if potential < best:
-                    seeds, best = candidate, potential
+                candidate_potential = potential(x, candidate)
+                if candidate_potential < best:
+                    seeds, best = candidate, candidate_potential
         return _lloyd(x, seeds, num_iters)
 
 
@@ -190,4 +190,4 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, num_iters: int) -> tuple[tor
         )
     with torch.no_grad():
         refined, _ = _lloyd(x.detach(), centroids.detach().clone(), num_iters)
-        return refined, _potential(x, refined)
+        return refined, potential(x, refined)

@@ -166,7 +166,6 @@ def _init_codebooks(
                 config.kmeans_restarts,
                 generator,
             )
-            model.secondary_codewords.copy_(z_s)
         else:
             z_s, _ = kmeans(
                 r_s,
@@ -175,7 +174,7 @@ def _init_codebooks(
                 generator,
                 num_restarts=config.kmeans_restarts,
             )
-            model.secondary_codewords.copy_(z_s)
+        model.secondary_codewords.copy_(z_s)
 
 
 def _sample_size(config: MSACConfig, num_items: int) -> int:

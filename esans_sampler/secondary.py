@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from esans_sampler.kmeans import kmeans, lloyd
+from esans_sampler.kmeans import kmeans, lloyd, potential
 
 
 def init_per_cluster(
@@ -78,8 +78,7 @@ def refine_per_cluster(
             fresh, _ = kmeans(
                 members, num_secondary, num_iters, generator, num_restarts=num_restarts
             )
-            fresh, fresh_potential = lloyd(members, fresh, 0)
-            if fresh_potential < best_potential:
+            if potential(members, fresh) < best_potential:
                 best, replaced = fresh, replaced + 1
             codewords[p] = best
     return replaced
