@@ -188,9 +188,10 @@ class ClientLoad:
         self._max_s = max_s
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._running: list[float | None] = [None] * len(workers)  # start of each call in flight
         self._threads = [
-            threading.Thread(target=self._run, args=(transport, call), daemon=True)
-            for transport, call in workers
+            threading.Thread(target=self._run, args=(i, transport, call), daemon=True)
+            for i, (transport, call) in enumerate(workers)
         ]
 
     def __enter__(self) -> ClientLoad:
@@ -207,12 +208,13 @@ class ClientLoad:
             thread.join(_JOIN_S)
         assert not any(t.is_alive() for t in self._threads), "a client thread hangs"
 
-    def _run(self, transport: str, call: Callable[[], SampleResponse]) -> None:
+    def _run(self, index: int, transport: str, call: Callable[[], SampleResponse]) -> None:
         deadline = time.monotonic() + self._max_s
         for _ in range(self._max_calls):
             if self._stop.is_set() or time.monotonic() > deadline:
                 return
             start = time.monotonic()
+            self._running[index] = start
             try:
                 response = call()
             except Exception as exc:
@@ -226,6 +228,12 @@ class ClientLoad:
                 )
             with self._lock:
                 self.calls.append(record)
+            self._running[index] = None
+
+    def longest_running_s(self) -> float:
+        """How long the oldest call still in flight has been running (0 when none is)."""
+        now = time.monotonic()
+        return max((now - start for start in list(self._running) if start is not None), default=0)
 
     def snapshot(self) -> list[Call]:
         with self._lock:
@@ -536,6 +544,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(
     publish(redis_server.url, "sigterm", artifact)
     ids = np.random.default_rng(0).choice(artifact.index.item_ids, 4096)
     log = tmp_path / "serve.log"
+    margin_s = 0.05  # a call started this long before SIGTERM has reached the server
     proc = _serve_process(redis_server.url, log, grace_s=10.0)
     try:
         match = None
@@ -567,6 +576,8 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(
                     )
             load = stack.enter_context(ClientLoad(workers, max_s=120))
             wait_until(lambda: load.count_since(0.0) >= 2 * len(workers), 60, "warm clients")
+            # Signal while a call is well under way, so one is in flight whatever the timing.
+            wait_until(lambda: load.longest_running_s() > 2 * margin_s, 60, "a call under way")
             signalled = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             exit_code = proc.wait(timeout=30)
@@ -579,20 +590,24 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(
     assert exit_code == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "received SIGTERM" in text and "stopped" in text
-    # In flight: started before SIGTERM (with a margin for the request to reach the
-    # server) and not finished before it.
-    margin_s = 0.05
-    in_flight = [c for c in calls if c.start < signalled - margin_s and c.end > signalled]
-    assert in_flight, "no call was in flight at SIGTERM"
-    failed = [c for c in in_flight if c.error]
-    assert not failed, f"{len(failed)} of {len(in_flight)} in-flight calls failed: {failed[:3]}"
-    # Calls sent after SIGTERM may be refused, but only as "unavailable", never half-done.
-    later = [c for c in calls if c.start >= signalled - margin_s and c.error]
     # CANCELLED: calls that reach the gRPC core just as it stops (it cancels calls not yet
     # handed to the servicer); SamplerClient does not retry them (see the report).
     refused = re.compile(
         r"UnavailableError|CANCELLED|ConnectError|RemoteProtocolError|ReadError|ConnectionError"
     )
+    # In flight: started before SIGTERM (with a margin for the request to reach the
+    # server) and not finished before it. The gRPC core receives requests on its own threads,
+    # so every such gRPC call was admitted and must complete. An HTTP request can sit unread
+    # in its socket while the event loop waits for the interpreter (seen: 1 s with 8 clients
+    # on 2 cores); uvicorn then closes that connection at shutdown, a clean refusal.
+    in_flight = [c for c in calls if c.start < signalled - margin_s and c.end > signalled]
+    assert any(not c.error for c in in_flight), f"no call in flight at SIGTERM completed: {calls}"
+    failed = [
+        c for c in in_flight if c.error and (c.transport == "grpc" or not refused.search(c.error))
+    ]
+    assert not failed, f"{len(failed)} of {len(in_flight)} in-flight calls failed: {failed[:3]}"
+    # Calls sent after SIGTERM may be refused, but only as "unavailable", never half-done.
+    later = [c for c in calls if c.start >= signalled - margin_s and c.error]
     assert all(refused.search(c.error) for c in later), later[:3]
 
 
