@@ -224,7 +224,13 @@ class ServiceRuntime:
             return
         self._stopped = True
         grace = self.settings.shutdown_grace_s if grace is None else grace
-        logger.info("shutting down: draining for up to %.1f s", grace)
+        # Both counts are logged so an operator (and the SIGTERM test) can see the drain finish
+        # every request that was running: calls still queued in gRPC's core are cancelled.
+        logger.info(
+            "shutting down: %d requests in flight, draining for up to %.1f s",
+            self.metrics.in_flight_total(),
+            grace,
+        )
         if self._service is not None:
             self._service.begin_drain()  # /readyz 503 from now on
         grpc_done = self._grpc.graceful_stop(grace) if self._grpc is not None else None
@@ -245,7 +251,7 @@ class ServiceRuntime:
             self._client.close()
         if self._embedded is not None:
             self._embedded.stop()
-        logger.info("stopped")
+        logger.info("stopped (%d requests still in flight)", self.metrics.in_flight_total())
 
 
 def configure_logging(level: str) -> None:

@@ -125,6 +125,10 @@ class ServiceMetrics:
             self.requests.labels(transport, outcome.method, outcome.status).inc()
             in_flight.dec()
 
+    def in_flight_total(self) -> int:
+        """Requests being handled now, over both transports."""
+        return int(sum(s.value for metric in self.in_flight.collect() for s in metric.samples))
+
     def codebook_swapped(self, version: str) -> None:
         """Registry ``on_swap`` callback."""
         self.swaps.inc()
