@@ -8,12 +8,26 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
+from esans_eval.completejourney import load_completejourney
 from esans_eval.datasets import DatasetError, ItemSchema, load_dataset, load_movielens
 from esans_eval.experiment import Budget, run_experiment
 from esans_eval.report import load_result, recorded_command, write_report
 
-QUICK = Budget(epochs=2, seeds=1, msac_epochs=10, sweep_kp=(16, 32), sweep_ks=(4,), max_steps=None)
-FULL = Budget(epochs=3, seeds=3, max_steps=300, sweep_kp=(16, 32, 64), sweep_ks=(2, 4, 8))
+DATASETS = ("completejourney", "ml-1m", "ml-100k", "custom")
+QUICK = Budget(
+    epochs=2, seeds=1, batch_size=128, msac_epochs=5, sweep_kp=(16,), sweep_ks=(4,),
+    trial_epochs=1, max_steps=10, per_positive_table=False,
+)  # fmt: skip
+BUDGETS = {
+    # 68k items: the paper's K_p 300 / K_s 15 / d_m 512 next to coarser grids; an epoch is
+    # 200 steps (102k examples) so early stopping sees the curve, not just its end.
+    "completejourney": Budget(
+        max_steps=200, msac_dim=512, msac_epochs=5, sweep_kp=(100, 300), sweep_ks=(15,),
+    ),
+    "ml-1m": Budget(max_steps=200, sweep_kp=(16, 32, 64), sweep_ks=(8,)),
+    "ml-100k": Budget(max_steps=100, sweep_kp=(16, 32), sweep_ks=(4,)),
+    "custom": Budget(max_steps=200),
+}  # fmt: skip
 
 
 def parser(prog: str = "python -m esans_eval") -> argparse.ArgumentParser:
@@ -30,20 +44,23 @@ def parser(prog: str = "python -m esans_eval") -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="ML-100K, 2 epochs, 1 seed (CI smoke)")
     p.add_argument(
         "--dataset",
-        choices=("ml-1m", "ml-100k", "custom"),
+        choices=DATASETS,
         default=None,
-        help="ml-1m (default), ml-100k (with --quick), or custom TSV files (see README)",
+        help="completejourney (default; grocery, 68k products), ml-1m, ml-100k (the default "
+        "with --quick), or custom TSV files (see README)",
     )
     p.add_argument("--interactions", help="custom: user_id, item_id, timestamp (TSV)")
     p.add_argument("--items", help="custom: item_id, text, [year], [categories] (TSV)")
     p.add_argument("--category-columns", default="", help="custom: comma-separated columns")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3, quick 1)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default 3, quick 2)")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="epoch cap of early stopping (default 20)"
+    )
     p.add_argument(
         "--max-steps",
         type=int,
         default=None,
-        help="cap on steps per epoch (default 300, quick: none)",
+        help="steps per epoch, at most one pass (default 200, quick 10)",
     )
     p.add_argument("--max-users", type=int, default=None, help="only the first N users")
     p.add_argument(
@@ -57,8 +74,16 @@ def parser(prog: str = "python -m esans_eval") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out",
-        default="docs/results.md",
-        help="report; the plot and a JSON of every number go beside it (default %(default)s)",
+        default=None,
+        help="report; the plot and a JSON of every number go beside it "
+        "(default docs/results-<dataset>.md)",
+    )
+    p.add_argument(
+        "--progress",
+        default=None,
+        help="finished trials and runs, one JSON line each; a rerun with the same budget "
+        "resumes from it (default docs/results-<dataset>.progress.jsonl, none with --quick; "
+        "'none' keeps nothing)",
     )
     return p
 
@@ -72,11 +97,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m esans_eval") 
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"{prog}: error: cannot read {args.render}: {exc}", file=sys.stderr)
             return 2
-        path = write_report(result, args.out, command or f"(unrecorded; rendered by {prog})")
+        out = args.out or str(args.render).removesuffix(".json") + ".md"
+        path = write_report(result, out, command or f"(unrecorded; rendered by {prog})")
         print(f"wrote {path}")
         return 0
-    name = args.dataset or ("ml-100k" if args.quick else "ml-1m")
-    budget = QUICK if args.quick else FULL
+    name = args.dataset or ("ml-100k" if args.quick else "completejourney")
+    budget = QUICK if args.quick else BUDGETS[name]
     overrides = {
         "seeds": args.seeds,
         "epochs": args.epochs,
@@ -96,9 +122,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m esans_eval") 
             dataset = load_dataset(
                 args.interactions, args.items, name="custom", items=ItemSchema(categories=cats)
             )
+        elif name == "completejourney":
+            dataset = load_completejourney()
         else:
             dataset = load_movielens(name)
-        result = run_experiment(dataset, budget, args.cache_dir)
+        progress = args.progress or (None if args.quick else f"docs/results-{name}.progress.jsonl")
+        result = run_experiment(
+            dataset,
+            budget,
+            args.cache_dir,
+            progress_path=None if progress == "none" else progress,
+        )
     except (DatasetError, RuntimeError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -106,6 +140,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m esans_eval") 
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     command = f"{prog} " + shlex.join(list(sys.argv[1:] if argv is None else argv))
-    path = write_report(result, args.out, command.strip())
+    out = args.out or f"docs/results-{name}{'-quick' if args.quick else ''}.md"
+    path = write_report(result, out, command.strip())
     print(f"wrote {path}")
     return 0

