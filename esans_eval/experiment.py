@@ -262,6 +262,8 @@ class ExperimentResult:
     runs: list[RunResult] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     methods: list[dict[str, Any]] = field(default_factory=list)
+    reference: dict[str, dict[Any, float]] = field(default_factory=dict)
+    """Rankers without training, e.g. by training popularity: a floor for every model."""
 
 
 @dataclass(frozen=True)
@@ -371,24 +373,29 @@ class Sampling:
 
 
 def evaluate(
-    model: TwoTower, data: Prepared, which: str, cold: bool = False
+    model: TwoTower | None, data: Prepared, which: str, cold: bool = False
 ) -> tuple[dict[int, float], dict[int, float]]:
     """Recall@50/200 on the validation or test window, every item a user already has
     masked; and (with ``cold``) Recall@K over the targets with at most
-    :data:`COLD_MAX_COUNT` training events (micro-averaged over those targets)."""
+    :data:`COLD_MAX_COUNT` training events (micro-averaged over those targets).
+    ``model`` None ranks by training popularity (the "most popular" reference)."""
     window: EvalSet = data.split.valid if which == "valid" else data.split.test
     hist = data.valid_hist if which == "valid" else data.test_hist
-    model.eval()
     ranks: list[IntArray] = []
     with torch.no_grad():
-        table = model.item_table()
+        if model is not None:
+            model.eval()
+            table = model.item_table()
+        popularity = torch.as_tensor(data.popularity_percentile, dtype=torch.float32)
         for start in range(0, len(window), 256):
             part = slice(start, start + 256)
-            users = model.users(table, torch.as_tensor(hist[part]).long())
-            ranks.append(
-                target_ranks(users @ table.T, window.targets[part], window.history[part], max(KS))
-            )
-    model.train()
+            if model is not None:
+                scores = model.users(table, torch.as_tensor(hist[part]).long()) @ table.T
+            else:
+                scores = popularity.expand(len(window.users[part]), -1)
+            ranks.append(target_ranks(scores, window.targets[part], window.history[part], max(KS)))
+    if model is not None:
+        model.train()
     all_ranks = np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
     pair_user = np.concatenate(
         [np.full(len(t), e, dtype=np.int64) for e, t in enumerate(window.targets)]
@@ -702,6 +709,12 @@ def run_experiment(
             ),
         },
     )
+    for which in ("valid", "test"):
+        recall, cold = evaluate(None, data, which, cold=True)
+        result.reference[f"most popular ({which})"] = {
+            **recall,
+            **{f"cold {k}": v for k, v in cold.items()},
+        }
     result.seconds["prepare"] = time.perf_counter() - clock
     log(
         f"{data.dataset.name}: {data.dataset.num_items} items, {data.dataset.num_users} users, "

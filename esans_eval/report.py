@@ -132,6 +132,19 @@ def _table(result: ExperimentResult, names: list[str], reference: str | None) ->
     return lines
 
 
+def _reference(result: ExperimentResult) -> list[str]:
+    test = result.reference.get("most popular (test)")
+    if not test:
+        return []
+    values = {str(k): v for k, v in test.items()}
+    return [
+        "Reference without training, ranking by training popularity: test R@50 "
+        f"{values['50']:.4f}, R@200 {values['200']:.4f}, cold R@50 "
+        f"{values.get('cold 50', math.nan):.4f}.",
+        "",
+    ]
+
+
 def _tuning(result: ExperimentResult) -> list[str]:
     lines = [
         "| method | trial | valid R@50 | valid R@200 | chosen |",
@@ -243,6 +256,7 @@ def render(result: ExperimentResult, command: str, plot_name: str | None) -> str
         "",
         *_table(result, main, strongest),
         "",
+        *_reference(result),
         f"Strongest baseline (by test R@50): {strongest}. Product default: "
         f"{product_default(result)}. Cold R@50 is micro-averaged over cold targets.",
         "",

@@ -19,6 +19,7 @@ paper does. Two optional corrections:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,17 +99,55 @@ def info_nce_loss(
         # A finite floor rather than -inf: a row with every negative masked must still get
         # finite gradients (logsumexp over all -inf has NaN ones); exp(floor - x) is 0.
         bias = base.masked_fill(negative_mask, torch.finfo(user.dtype).min / 4)
+    # eq. 14: -log softmax at the positive = logsumexp(positive, negatives) - positive.
     if shared:
-        neg_t = negatives.transpose(0, 1)
-        neg_logits = scaled @ neg_t if bias is None else torch.addmm(bias, scaled, neg_t)
+        total: torch.Tensor = _SharedLogSumExp.apply(  # type: ignore[no-untyped-call]
+            scaled, negatives, bias, pos_logits
+        )
     else:
         neg_logits = torch.einsum("bd,bnd->bn", scaled, negatives)
         if bias is not None:
             neg_logits = neg_logits + bias
-
-    # eq. 14: -log softmax at the positive = logsumexp(positive, negatives) - positive.
-    total = torch.logaddexp(pos_logits, torch.logsumexp(neg_logits, dim=1))
+        total = torch.logaddexp(pos_logits, torch.logsumexp(neg_logits, dim=1))
     return (total - pos_logits).mean()
+
+
+class _SharedLogSumExp(torch.autograd.Function):
+    """logsumexp over [positive, user @ negatives.T + bias] per row, with shared negatives.
+
+    The same value and gradients as composing addmm, logsumexp and logaddexp, but the (B, N)
+    logit matrix is written once and then worked on in place: with batch-shared pools of tens
+    of thousands of negatives these memory passes are most of a training step. ``bias`` is a
+    constant (log q and mask); it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        user: torch.Tensor,
+        negatives: torch.Tensor,
+        bias: torch.Tensor | None,
+        positive: torch.Tensor,
+    ) -> torch.Tensor:
+        neg_t = negatives.transpose(0, 1)
+        logits = user @ neg_t if bias is None else torch.addmm(bias, user, neg_t)
+        row_max = torch.maximum(logits.amax(dim=1), positive)
+        logits.sub_(row_max.unsqueeze(1)).exp_()  # now exp(logit - row max)
+        total = row_max + torch.log(logits.sum(dim=1) + torch.exp(positive - row_max))
+        ctx.save_for_backward(user, negatives, logits, row_max, total, positive)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        user, negatives, weights, row_max, total, positive = ctx.saved_tensors
+        # d total / d logit_j = exp(logit_j - total) = weights_j * exp(row max - total); not
+        # in place, so that a graph kept for a second backward stays intact.
+        scaled = weights * (grad_total * torch.exp(row_max - total)).unsqueeze(1)
+        grad_user = scaled @ negatives if ctx.needs_input_grad[0] else None
+        grad_negatives = scaled.transpose(0, 1) @ user if ctx.needs_input_grad[1] else None
+        grad_positive = grad_total * torch.exp(positive - total)
+        return grad_user, grad_negatives, None, grad_positive
 
 
 def shared_negative_mask(

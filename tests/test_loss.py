@@ -193,3 +193,33 @@ def test_shape_errors() -> None:
             torch.zeros(3, dtype=torch.long),
             torch.zeros(3, dtype=torch.long),
         )
+
+
+def test_shared_loss_matches_the_composed_formula_in_value_and_gradients() -> None:
+    """The fused shared-negative path gives what addmm + logsumexp + logaddexp give,
+    gradients included, with log q, a mask and a row whose negatives are all masked."""
+    gen = torch.Generator().manual_seed(3)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=torch.float64, generator=gen).requires_grad_()
+
+    user, positive, negatives = leaf(5, 4), leaf(5, 4), leaf(9, 4)
+    log_q = torch.rand(9, dtype=torch.float64, generator=gen) - 3.0
+    mask = torch.rand(5, 9, generator=gen) < 0.3
+    mask[2] = True  # every negative of row 2 masked: its loss is 0, its gradients finite
+
+    got = info_nce_loss(user, positive, negatives, 0.2, negative_log_q=log_q, negative_mask=mask)
+    grads = torch.autograd.grad(got, (user, positive, negatives))
+    logits = (user @ negatives.T / 0.2 - log_q).masked_fill(mask, float("-inf"))
+    pos = (user * positive).sum(-1) / 0.2
+    per_row = torch.logaddexp(pos, torch.logsumexp(logits, dim=1)) - pos
+    want = per_row.mean()
+    expected = torch.autograd.grad(want, (user, positive, negatives), allow_unused=True)
+    torch.testing.assert_close(got, want)
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, torch.nan_to_num(e, nan=0.0))
+    assert torch.autograd.gradcheck(
+        lambda u, p, n: info_nce_loss(u, p, n, 0.2, negative_log_q=log_q, negative_mask=mask),
+        (user, positive, negatives),
+    )
