@@ -8,7 +8,9 @@ so ``except InvalidInputError`` works whichever transport is used.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
@@ -16,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from esans_sampler import errors
+from esans_sampler.sampler import as_positive_ids, validate_sample_sizes
 
 T = TypeVar("T")
 
@@ -98,7 +101,7 @@ class SampleResponse:
         return mask
 
 
-def _sample_fields(
+def sample_fields(
     positive_ids: npt.ArrayLike | Sequence[int],
     m_c: int | None,
     m_o: int | None,
@@ -111,10 +114,18 @@ def _sample_fields(
     seed: int | None,
     return_embeddings: bool,
 ) -> dict[str, Any]:
+    """The request as a dict, checked as the server checks it (both transports)."""
     if sampler not in SAMPLER_KINDS:
         raise errors.InvalidInputError(f"sampler must be one of {SAMPLER_KINDS}, got {sampler!r}")
+    # Refuse here what the server refuses, with its messages (the core's own checks): a float
+    # or out-of-range id must not be truncated or wrapped on its way to the wire.
+    ids = as_positive_ids(np.ravel(positive_ids))
+    if m_c is not None or m_o is not None or m_h is not None:
+        validate_sample_sizes(
+            1 if m_c is None else m_c, 1 if m_o is None else m_o, 0 if m_h is None else m_h
+        )
     fields: dict[str, Any] = {
-        "positive_ids": np.asarray(positive_ids, dtype=np.int64).ravel().tolist(),
+        "positive_ids": ids.tolist(),
         "sampler": sampler,
         "codebook_version": codebook_version,
         "return_embeddings": return_embeddings,
@@ -170,11 +181,47 @@ class _SamplerClientBase:
         :class:`~esans_sampler.errors.InvalidInputError` for INVALID_ARGUMENT / 422) after
         retrying UNAVAILABLE up to ``retries`` times within the deadline.
         """
-        fields = _sample_fields(
+        fields = sample_fields(
             positive_ids, m_c, m_o, m_h, gamma, eta, hard_lambda, sampler,
             codebook_version, seed, return_embeddings,
         )  # fmt: skip
         return self._sample(fields, self.timeout_s if timeout_s is None else timeout_s)
+
+    def prefetch(
+        self,
+        batches: Iterable[npt.ArrayLike | Sequence[int]],
+        depth: int = 4,
+        *,
+        seed: int | None = None,
+        **options: Any,
+    ) -> Iterator[SampleResponse]:
+        """Responses for ``batches`` in order, keeping up to ``depth`` calls in flight, so the
+        sampler works while the trainer trains on the previous batch.
+
+        ``options`` are :meth:`sample`'s keywords; with ``seed``, batch i uses ``seed + i``
+        (reproducible, different per batch). ``batches`` is read lazily, ``depth`` ahead.
+        Errors arrive at the batch that caused them; closing the iterator early cancels the
+        calls not yet started.
+
+        >>> for ids, response in zip(batches, client.prefetch(batches)):  # doctest: +SKIP
+        ...     loss = esans_loss(...)
+        """
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise errors.InvalidInputError(f"depth must be an integer >= 1, got {depth!r}")
+        pending: deque[Future[SampleResponse]] = deque()
+        source = iter(batches)
+        with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="esans-prefetch") as pool:
+            try:
+                for index, ids in enumerate(source):
+                    call_seed = None if seed is None else seed + index
+                    pending.append(pool.submit(self.sample, ids, seed=call_seed, **options))
+                    if len(pending) >= depth:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
 
     def codebook_info(self, version: str = "", timeout_s: float | None = None) -> dict[str, Any]:
         """The active (or named) codebook's description, as a dict."""
@@ -253,11 +300,8 @@ class SamplerClient(_SamplerClientBase):
         return self._with_retries(once, timeout_s)
 
     def _sample(self, fields: dict[str, Any], timeout_s: float) -> SampleResponse:
-        kind = f"SAMPLER_KIND_{fields['sampler'].upper()}"
-        request = self._pb2.SampleNegativesRequest(
-            **{**fields, "sampler": self._pb2.SamplerKind.Value(kind)}
-        )
-        return _response_from_bytes(self._call(self._sample_raw, request, timeout_s))
+        request = grpc_request(self._pb2, fields)
+        return response_from_bytes(self._call(self._sample_raw, request, timeout_s))
 
     def _codebook_info(self, version: str, timeout_s: float) -> dict[str, Any]:
         from google.protobuf.json_format import MessageToDict
@@ -268,7 +312,14 @@ class SamplerClient(_SamplerClientBase):
         return info
 
 
-def _response_from_bytes(data: bytes) -> SampleResponse:
+def grpc_request(pb2: Any, fields: dict[str, Any]) -> Any:
+    """The ``SampleNegativesRequest`` of :func:`sample_fields` (both gRPC clients)."""
+    kind = pb2.SamplerKind.Value(f"SAMPLER_KIND_{fields['sampler'].upper()}")
+    return pb2.SampleNegativesRequest(**{**fields, "sampler": kind})
+
+
+def response_from_bytes(data: bytes) -> SampleResponse:
+    """A ``SampleNegatives`` reply, read from its wire bytes straight into numpy."""
     from service._proto.esans.v1 import sampler_pb2
     from service.wire import (
         EMBEDDING_TENSOR_NAMES,

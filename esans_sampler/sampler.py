@@ -119,6 +119,10 @@ def as_positive_ids(positive_ids: npt.ArrayLike) -> IdArray:
         return np.zeros(0, dtype=np.int64)
     if ids.dtype.kind not in "iu":
         raise InvalidInputError(f"positive_ids must be integers, got {ids.dtype}")
+    if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:
+        raise InvalidInputError(
+            f"positive_ids must fit in int64, got {ids.max()} (ids are signed 64-bit)"
+        )
     return ids.astype(np.int64, copy=False)
 
 

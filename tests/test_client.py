@@ -151,3 +151,82 @@ def test_cancelled_is_retryable_like_unavailable() -> None:
     assert isinstance(error_for("UNAVAILABLE", "x"), UnavailableError)
     assert isinstance(error_for("DEADLINE_EXCEEDED", "x"), DeadlineExceededError)
     assert isinstance(error_for("INVALID_ARGUMENT", "x"), InvalidInputError)
+
+
+def test_client_refuses_what_the_server_refuses_before_sending(
+    clients: tuple[SamplerClient, HttpSamplerClient],
+) -> None:
+    """A float id is not truncated, an unsigned id past int64 does not wrap, a bad size is an
+    InvalidInputError with the core's message, not a raw ValueError from protobuf."""
+    grpc_client, http_client = clients
+    for client in (grpc_client, http_client):
+        with pytest.raises(InvalidInputError, match="must be integers, got float64"):
+            client.sample([float(IDS[0]) + 0.9])
+        with pytest.raises(InvalidInputError, match="must fit in int64"):
+            client.sample(np.array([2**64 - 1], dtype=np.uint64))
+        with pytest.raises(InvalidInputError, match="m_c must be an integer >= 1, got -1"):
+            client.sample(IDS[:2], m_c=-1)
+        with pytest.raises(InvalidInputError, match="m_h must be an integer >= 0"):
+            client.sample(IDS[:2], m_h=1.5)  # type: ignore[arg-type]
+    # A uint64 id that fits is sent as the same id.
+    got = grpc_client.sample(IDS[:3].astype(np.uint64), seed=1)
+    _assert_same(got, grpc_client.sample(IDS[:3], seed=1))
+
+
+def test_prefetch_keeps_calls_in_flight_and_returns_responses_in_order(
+    clients: tuple[SamplerClient, HttpSamplerClient],
+) -> None:
+    grpc_client, _ = clients
+    batches = [IDS[i : i + 16] for i in range(0, 160, 16)]
+    got = list(grpc_client.prefetch(batches, depth=3, seed=100, m_h=2))
+    assert len(got) == len(batches)
+    for i, (ids, response) in enumerate(zip(batches, got, strict=True)):
+        _assert_same(response, grpc_client.sample(ids, seed=100 + i, m_h=2))
+    # Errors arrive at their batch; closing early cancels what has not started.
+    stream = grpc_client.prefetch([IDS[:4], np.array([-12345]), IDS[4:8]], depth=2)
+    assert next(stream).simple_ids.shape[0] == 4
+    with pytest.raises(InvalidInputError, match="not in the codebook"):
+        next(stream)
+    stream.close()
+    with pytest.raises(InvalidInputError, match="depth must be an integer >= 1"):
+        next(grpc_client.prefetch(batches, depth=0))
+
+
+def test_async_client_matches_the_sync_client(
+    runtime: ServiceRuntime, clients: tuple[SamplerClient, HttpSamplerClient]
+) -> None:
+    import asyncio
+
+    from esans_sampler.async_client import AsyncSamplerClient
+
+    grpc_client, _ = clients
+
+    async def calls() -> tuple[list[SampleResponse], dict[str, object]]:
+        async with AsyncSamplerClient(f"127.0.0.1:{runtime.grpc_port}") as client:
+            responses = await asyncio.gather(
+                *(client.sample(IDS[i : i + 8], seed=i, m_h=2) for i in range(0, 40, 8))
+            )
+            with pytest.raises(NotFoundError):
+                await client.sample(IDS[:2], codebook_version="0" * 16)
+            with pytest.raises(InvalidInputError, match="m_o must be an integer >= 1"):
+                await client.sample(IDS[:2], m_o=0)
+            return list(responses), await client.codebook_info()
+
+    responses, info = asyncio.run(calls())
+    for i, response in zip(range(0, 40, 8), responses, strict=True):
+        _assert_same(response, grpc_client.sample(IDS[i : i + 8], seed=i, m_h=2))
+    assert info == grpc_client.codebook_info()
+
+
+def test_async_client_retries_unavailable_then_raises() -> None:
+    import asyncio
+
+    from esans_sampler.async_client import AsyncSamplerClient
+
+    async def call() -> None:
+        # Nothing listens on port 1: every attempt is UNAVAILABLE.
+        async with AsyncSamplerClient("127.0.0.1:1", timeout_s=2.0, retries=2) as client:
+            await client.sample(IDS[:2])
+
+    with pytest.raises(UnavailableError):
+        asyncio.run(call())

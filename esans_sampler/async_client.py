@@ -1,0 +1,128 @@
+"""The asyncio gRPC client (grpc.aio), for trainers whose input pipeline is a coroutine: the
+calls, deadlines, retries, errors and arrays of :class:`~esans_sampler.client.SamplerClient`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any, Self
+
+import numpy.typing as npt
+
+from esans_sampler import errors
+from esans_sampler.client import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    SampleResponse,
+    error_for,
+    grpc_request,
+    response_from_bytes,
+    sample_fields,
+)
+
+
+class AsyncSamplerClient:
+    """asyncio gRPC client (grpc.aio): :class:`SamplerClient`'s calls, deadline, retries and
+    errors, awaited. For trainers whose input pipeline is a coroutine.
+
+    >>> async with AsyncSamplerClient("localhost:50051") as client:  # doctest: +SKIP
+    ...     response = await client.sample([101, 202, 303], seed=7)
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        import grpc
+        import grpc.aio
+
+        from service._proto.esans.v1 import sampler_pb2
+
+        self._grpc = grpc
+        self._pb2 = sampler_pb2
+        self._channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self._sample_raw = self._channel.unary_unary(
+            "/esans.v1.NegativeSampler/SampleNegatives",
+            request_serializer=sampler_pb2.SampleNegativesRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        self._info = self._channel.unary_unary(
+            "/esans.v1.NegativeSampler/GetCodebookInfo",
+            request_serializer=sampler_pb2.GetCodebookInfoRequest.SerializeToString,
+            response_deserializer=sampler_pb2.GetCodebookInfoResponse.FromString,
+        )
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def sample(
+        self,
+        positive_ids: npt.ArrayLike | Sequence[int],
+        *,
+        m_c: int | None = None,
+        m_o: int | None = None,
+        m_h: int | None = None,
+        gamma: float | None = None,
+        eta: float | None = None,
+        hard_lambda: float | None = None,
+        sampler: str = "esans",
+        codebook_version: str = "",
+        seed: int | None = None,
+        return_embeddings: bool = False,
+        timeout_s: float | None = None,
+    ) -> SampleResponse:
+        """:meth:`SamplerClient.sample`, awaited."""
+        fields = sample_fields(
+            positive_ids, m_c, m_o, m_h, gamma, eta, hard_lambda, sampler,
+            codebook_version, seed, return_embeddings,
+        )  # fmt: skip
+        request = grpc_request(self._pb2, fields)
+        data = await self._call(self._sample_raw, request, timeout_s)
+        return response_from_bytes(data)
+
+    async def codebook_info(
+        self, version: str = "", timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """The active (or named) codebook's description, as a dict."""
+        from google.protobuf.json_format import MessageToDict
+
+        request = self._pb2.GetCodebookInfoRequest(codebook_version=version)
+        reply = await self._call(self._info, request, timeout_s)
+        info: dict[str, Any] = MessageToDict(reply, preserving_proto_field_name=True)
+        return info
+
+    async def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
+        """One call, retried on UNAVAILABLE with exponential backoff within the deadline."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        attempt = 0
+        while True:
+            try:
+                return await method(request, timeout=max(deadline - time.monotonic(), 0.001))
+            except self._grpc.aio.AioRpcError as exc:
+                error = error_for(exc.code().name, exc.details() or str(exc))
+                if not isinstance(error, errors.UnavailableError):
+                    raise error from exc
+                attempt += 1
+                pause = self.backoff_s * (2 ** (attempt - 1))
+                if attempt > self.retries or time.monotonic() + pause > deadline:
+                    raise error from exc
+                await asyncio.sleep(pause)
