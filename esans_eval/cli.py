@@ -11,7 +11,7 @@ from dataclasses import replace
 from esans_eval.completejourney import load_completejourney
 from esans_eval.datasets import DatasetError, ItemSchema, load_dataset, load_movielens
 from esans_eval.experiment import Budget, run_experiment
-from esans_eval.report import load_result, recorded_command, write_report
+from esans_eval.report import load_result, progress_summary, recorded_command, write_report
 
 DATASETS = ("completejourney", "ml-1m", "ml-100k", "custom")
 QUICK = Budget(
@@ -46,6 +46,12 @@ def parser(prog: str = "python -m esans_eval") -> argparse.ArgumentParser:
         "--render",
         metavar="JSON",
         help="only rewrite the report (and plot) from the JSON of an earlier run, no training",
+    )
+    p.add_argument(
+        "--status",
+        action="store_true",
+        help="only summarise the progress file of --dataset (what a running or interrupted "
+        "evaluation has finished), no training",
     )
     p.add_argument("--quick", action="store_true", help="ML-100K, 2 epochs, 1 seed (CI smoke)")
     p.add_argument(
@@ -97,6 +103,15 @@ def parser(prog: str = "python -m esans_eval") -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m esans_eval") -> int:
     """Entry point (also for ``esans eval``). Returns the exit status."""
     args = parser(prog).parse_args(argv)
+    if args.status:
+        name = args.dataset or "completejourney"
+        path = args.progress or f"docs/results-{name}.progress.jsonl"
+        try:
+            print(progress_summary(path))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"{prog}: error: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.render:
         try:
             result, command = load_result(args.render), recorded_command(args.render)

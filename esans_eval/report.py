@@ -336,6 +336,26 @@ def load_result(path: str | Path) -> ExperimentResult:
     return ExperimentResult(**raw, runs=runs)
 
 
+def progress_summary(path: str | Path) -> str:
+    """A table of what a progress file holds: finished trials and runs, validation and (for
+    runs) test Recall@K, the best epoch and the minutes each took."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    if not lines:
+        raise ValueError("empty progress file")
+    rows = ["| kind | method | trial / seed | valid R@50 | test R@50 | test R@200 | best epoch "
+            "| epochs | minutes |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for line in lines[1:]:
+        entry = json.loads(line)
+        kind, method, what = entry["key"].split(":", 2)
+        run = run_from_dict(entry["value"])
+        rows.append(
+            f"| {kind} | {method} | {what} | {run.valid[50]:.4f} | "
+            f"{run.test.get(50, math.nan):.4f} | {run.test.get(200, math.nan):.4f} | "
+            f"{run.best_epoch} | {len(run.epochs)} | {run.seconds / 60:.1f} |"
+        )
+    return "\n".join(rows)
+
+
 def recorded_command(path: str | Path) -> str | None:
     """The command that produced the JSON at ``path`` (None when it did not record one)."""
     command = json.loads(Path(path).read_text(encoding="utf-8")).get("command")

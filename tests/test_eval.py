@@ -150,7 +150,9 @@ def test_capped_ranks_agree_with_the_full_count() -> None:
         np.testing.assert_array_equal(capped, np.minimum(full, cap))
 
 
-def test_pipeline_end_to_end_on_a_tiny_subset(tmp_path: Path) -> None:
+def test_pipeline_end_to_end_on_a_tiny_subset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Service up, codebooks published, every method tuned and trained over gRPC, report and
     strict JSON written, an interrupted run resumed from its progress file."""
     out = tmp_path / "results.md"
@@ -184,6 +186,10 @@ def test_pipeline_end_to_end_on_a_tiny_subset(tmp_path: Path) -> None:
     assert progress.read_text().count("\n") == lines
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert [r["test"] for r in resumed["runs"]] == [r["test"] for r in result["runs"]]
+    capsys.readouterr()
+    assert main(["--status", "--progress", str(progress)]) == 0
+    status = capsys.readouterr().out
+    assert "| trial | PNS | alpha 0.25 |" in status and "| run | UNS | 1 |" in status
 
 
 def test_quick_mode_runs_and_metrics_are_sane(tmp_path: Path) -> None:
