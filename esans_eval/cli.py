@@ -7,12 +7,14 @@ import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from esans_eval.completejourney import load_completejourney
 from esans_eval.datasets import DatasetError, ItemSchema, load_dataset, load_movielens
 from esans_eval.experiment import Budget, run_experiment
 from esans_eval.report import load_result, progress_summary, recorded_command, write_report
 
+DEFAULT_DIR = "var/eval"
 DATASETS = ("completejourney", "ml-1m", "ml-100k", "custom")
 QUICK = Budget(
     epochs=2, seeds=1, batch_size=128, msac_epochs=5, sweep_kp=(16,), sweep_ks=(4,),
@@ -88,16 +90,23 @@ def parser(prog: str = "python -m esans_eval") -> argparse.ArgumentParser:
         "--out",
         default=None,
         help="report; the plot and a JSON of every number go beside it "
-        "(default docs/results-<dataset>.md)",
+        "(default var/eval/results-<dataset>.md: a run never overwrites a tracked report "
+        "unless told to)",
     )
     p.add_argument(
         "--progress",
         default=None,
         help="finished trials and runs, one JSON line each; a rerun with the same budget "
-        "resumes from it (default docs/results-<dataset>.progress.jsonl, none with --quick; "
+        "resumes from it (default: beside the report, results-<dataset>.progress.jsonl; none "
+        "with --quick; "
         "'none' keeps nothing)",
     )
     return p
+
+
+def _beside(report: str) -> str:
+    """The progress file that goes with a report: results-x.md -> results-x.progress.jsonl."""
+    return str(Path(report).with_suffix("")) + ".progress.jsonl"
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m esans_eval") -> int:
@@ -105,7 +114,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m esans_eval") 
     args = parser(prog).parse_args(argv)
     if args.status:
         name = args.dataset or "completejourney"
-        path = args.progress or f"docs/results-{name}.progress.jsonl"
+        path = args.progress or _beside(args.out or f"{DEFAULT_DIR}/results-{name}.md")
         try:
             print(progress_summary(path))
         except (OSError, ValueError, KeyError) as exc:
@@ -147,7 +156,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m esans_eval") 
             dataset = load_completejourney()
         else:
             dataset = load_movielens(name)
-        progress = args.progress or (None if args.quick else f"docs/results-{name}.progress.jsonl")
+        out = args.out or f"{DEFAULT_DIR}/results-{name}{'-quick' if args.quick else ''}.md"
+        progress = args.progress or (None if args.quick else _beside(out))
         result = run_experiment(
             dataset,
             budget,
@@ -161,7 +171,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m esans_eval") 
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     command = f"{prog} " + shlex.join(list(sys.argv[1:] if argv is None else argv))
-    out = args.out or f"docs/results-{name}{'-quick' if args.quick else ''}.md"
     path = write_report(result, out, command.strip())
     print(f"wrote {path}")
     return 0
