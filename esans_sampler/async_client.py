@@ -16,6 +16,7 @@ from esans_sampler.client import (
     SampleResponse,
     error_for,
     grpc_request,
+    info_dict,
     response_from_bytes,
     sample_fields,
 )
@@ -103,12 +104,8 @@ class AsyncSamplerClient:
         self, version: str = "", timeout_s: float | None = None
     ) -> dict[str, Any]:
         """The active (or named) codebook's description, as a dict."""
-        from google.protobuf.json_format import MessageToDict
-
         request = self._pb2.GetCodebookInfoRequest(codebook_version=version)
-        reply = await self._call(self._info, request, timeout_s)
-        info: dict[str, Any] = MessageToDict(reply, preserving_proto_field_name=True)
-        return info
+        return info_dict(await self._call(self._info, request, timeout_s))
 
     async def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
         """One call, retried on UNAVAILABLE with exponential backoff within the deadline."""

@@ -304,12 +304,20 @@ class SamplerClient(_SamplerClientBase):
         return response_from_bytes(self._call(self._sample_raw, request, timeout_s))
 
     def _codebook_info(self, version: str, timeout_s: float) -> dict[str, Any]:
-        from google.protobuf.json_format import MessageToDict
-
         request = self._pb2.GetCodebookInfoRequest(codebook_version=version)
-        reply = self._call(self._stub.GetCodebookInfo, request, timeout_s)
-        info: dict[str, Any] = MessageToDict(reply, preserving_proto_field_name=True)
-        return info
+        return info_dict(self._call(self._stub.GetCodebookInfo, request, timeout_s))
+
+
+def info_dict(reply: Any) -> dict[str, Any]:
+    """A ``GetCodebookInfoResponse`` as a dict with every field, false and zero ones too, in
+    its proto type (int, bool, float, str, list); not protobuf's JSON mapping, which turns
+    int64 into strings and drops defaults."""
+    return {
+        field.name: list(getattr(reply, field.name))
+        if field.is_repeated
+        else getattr(reply, field.name)
+        for field in reply.DESCRIPTOR.fields
+    }
 
 
 def grpc_request(pb2: Any, fields: dict[str, Any]) -> Any:

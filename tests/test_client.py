@@ -230,3 +230,17 @@ def test_async_client_retries_unavailable_then_raises() -> None:
 
     with pytest.raises(UnavailableError):
         asyncio.run(call())
+
+
+def test_codebook_info_has_every_field_in_its_type_on_both_transports(
+    clients: tuple[SamplerClient, HttpSamplerClient],
+) -> None:
+    grpc_client, http_client = clients
+    info = grpc_client.codebook_info()
+    assert info["num_items"] == ARTIFACT.index.num_items and isinstance(info["num_items"], int)
+    assert info["active"] is True and info["stale"] is False  # false fields are present
+    assert isinstance(info["hard_candidate_share"], float)
+    http = http_client.codebook_info()
+    shared = set(info) & set(http)
+    assert {"version", "num_items", "num_primary", "active", "stale", "created_at"} <= shared
+    assert {k: info[k] for k in shared} == {k: http[k] for k in shared}
