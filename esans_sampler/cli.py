@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esans_sampler.errors import EsansError, UnavailableError
+from esans_sampler.errors import EsansError, FailedPreconditionError, UnavailableError
 
 if TYPE_CHECKING:
     from esans_sampler.artifact import CodebookArtifact
@@ -430,23 +430,43 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
     from esans_sampler.artifact import read_artifact_files
     from service.app import connect_redis
+    from service.embedded_redis import running_embedded_url
     from service.store import CodebookStore
 
     settings = _serve_settings(args)
     files = read_artifact_files(args.artifact)
+    # A publish must reach the Redis the servers read. Starting a throwaway embedded Redis
+    # here (as `serve` does) would report success while every server stays on its version.
+    if not settings.redis_url and running_embedded_url(settings.data_dir) is None:
+        raise FailedPreconditionError(
+            "no Redis to publish to: ESANS_REDIS_URL (or --redis-url) is not set and no "
+            f"embedded Redis is serving {Path(settings.data_dir).resolve()}; start `esans "
+            "serve` first, or pass --data-dir with the data directory of the running one"
+        )
     client, embedded = connect_redis(settings)
+    target = _redacted(client)
     try:
         store = CodebookStore(client, settings.redis_namespace, settings.keep_versions)
         version = store.publish(files, activate=not args.no_activate)
     except redis.RedisError as exc:
-        raise UnavailableError(f"cannot publish: Redis does not answer ({exc})") from exc
+        raise UnavailableError(
+            f"cannot publish to {target}: Redis does not answer ({exc})"
+        ) from exc
     finally:
         client.close()
         if embedded is not None:
             embedded.stop()
     state = "stored" if args.no_activate else "published and activated"
-    print(f"{state} version {version}")
+    print(f"{state} version {version} in {target} (namespace {settings.redis_namespace!r})")
     return 0
+
+
+def _redacted(client: Any) -> str:
+    """Where a Redis client points, without credentials: redis://host:port/db."""
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from esans_sampler.artifact import load_artifact
 from esans_sampler.catalogue import write_npy_catalogue
 from esans_sampler.cli import main
 from esans_sampler.synthetic import make_planted_catalogue
+from service.embedded_redis import EmbeddedRedis
 
 SMALL = ["--kp", "6", "--ks", "3", "--dm", "16", "--epochs", "1", "--seed", "1", "--quiet"]
 
@@ -97,3 +98,30 @@ def test_build_refuses_to_overwrite_without_the_flag(
     capsys.readouterr()
     assert main([*_build_args(catalogue, out), *SMALL]) == 2
     assert "overwrite" in capsys.readouterr().err
+
+
+def test_publish_refuses_when_no_redis_is_there_to_reach(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    redis_server: EmbeddedRedis,
+) -> None:
+    """No ESANS_REDIS_URL and no embedded Redis serving the data directory: publishing would
+    go to a throwaway Redis no server reads, so it refuses and names what to set."""
+    from conftest import build_random_artifact
+
+    from esans_sampler.artifact import save_artifact
+
+    monkeypatch.delenv("ESANS_REDIS_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    save_artifact(build_random_artifact(seed=1, num_items=50, dim=4), tmp_path / "art")
+    assert main(["publish", "art"]) == 2
+    err = capsys.readouterr().err
+    assert "no Redis to publish to" in err and "ESANS_REDIS_URL" in err
+    assert str(tmp_path / "var" / "redis") in err
+    assert not (tmp_path / "var").exists()  # nothing started, nothing written
+    # With a Redis to reach, the publish says which one it wrote to.
+    assert main(["publish", "art", "--redis-url", redis_server.url, "--namespace", "pub"]) == 0
+    out = capsys.readouterr().out
+    port = redis_server.url.rsplit(":", 1)[1].split("/")[0]
+    assert "published and activated version" in out and f"127.0.0.1:{port}" in out
