@@ -469,8 +469,18 @@ def _redacted(client: Any) -> str:
     return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("esans-sampler")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esans", description="ESANS negative sampling")
+    parser.add_argument("--version", action="version", version=f"esans {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build_parser(sub)
     _add_inspect_parser(sub)

@@ -28,6 +28,7 @@ from redis.retry import Retry
 from esans_sampler.errors import UnavailableError
 from service.core import SamplingService
 from service.embedded_redis import EmbeddedRedis, running_embedded_url
+from service.errors import PortUnavailableError
 from service.grpc_server import GrpcServer, create_grpc_server
 from service.http_app import create_app
 from service.metrics import ServiceMetrics
@@ -93,9 +94,12 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise PortUnavailableError(
+            f"HTTP cannot listen on {host}:{port} ({exc.strerror or exc}); set ESANS_HTTP_PORT "
+            "(esans serve --http-port) to a free port, or stop what holds it"
+        ) from exc
     sock.set_inheritable(True)
     return sock
 

@@ -13,11 +13,15 @@ from dataclasses import dataclass
 
 import grpc
 
-from esans_sampler.errors import EsansError
+from esans_sampler.errors import EsansError, FailedPreconditionError
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
+
+
+class PortUnavailableError(FailedPreconditionError):
+    """A port the service must listen on is taken or not allowed; names the setting."""
 
 
 class DeadlineExceededError(EsansError):

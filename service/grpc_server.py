@@ -30,7 +30,7 @@ from service.core import (
     SampleResult,
     SamplingService,
 )
-from service.errors import ErrorReport, describe
+from service.errors import ErrorReport, PortUnavailableError, describe
 from service.metrics import ServiceMetrics
 from service.settings import MIB, Settings
 from service.wire import EMBEDDING_TENSOR_NAMES, RESPONSE_TENSOR_NAMES, encode_sample_response
@@ -252,7 +252,8 @@ def _sampler_handlers(servicer: NegativeSamplerServicer) -> grpc.GenericRpcHandl
 def create_grpc_server(settings: Settings, service: SamplingService) -> tuple[GrpcServer, int]:
     """An unstarted server bound to ``settings.grpc_host:grpc_port`` (0 = a free port).
 
-    Returns the server and the bound port. Raises :class:`OSError` if it cannot bind.
+    Returns the server and the bound port. Raises :class:`PortUnavailableError` (one line
+    naming the port and its setting) if it cannot bind.
     """
     workers = settings.max_concurrency + _EXTRA_WORKERS
     # Requests carry at most max_batch ids (<= 10 bytes each as varints) and a few scalars.
@@ -277,7 +278,15 @@ def create_grpc_server(settings: Settings, service: SamplingService) -> tuple[Gr
     try:
         port = int(server.add_insecure_port(address))
     except RuntimeError as exc:
-        raise OSError(f"gRPC cannot bind {address}: {exc}") from exc
+        port = 0
+        cause: Exception | None = exc
+    else:
+        cause = None
+    if port == 0 and (settings.grpc_port != 0 or cause is not None):
+        raise PortUnavailableError(
+            f"gRPC cannot listen on {address} (in use, or not allowed); set ESANS_GRPC_PORT "
+            "(esans serve --grpc-port) to a free port, or stop what holds it"
+        ) from cause
     grpc_server = GrpcServer(server, health_servicer, service)
     grpc_server.refresh_health()
     logger.info("gRPC bound to %s:%d", settings.grpc_host, port)

@@ -125,3 +125,35 @@ def test_publish_refuses_when_no_redis_is_there_to_reach(
     out = capsys.readouterr().out
     port = redis_server.url.rsplit(":", 1)[1].split("/")[0]
     assert "published and activated version" in out and f"127.0.0.1:{port}" in out
+
+
+@pytest.mark.parametrize("which", ["grpc", "http"])
+def test_serve_on_a_taken_port_says_so_in_one_line(
+    which: str, redis_server: EmbeddedRedis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        ports = {"grpc": "0", "http": "0", which: str(port)}
+        code = main(
+            ["serve", "--redis-url", redis_server.url,
+             "--grpc-port", ports["grpc"], "--http-port", ports["http"]]
+        )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    last = err.splitlines()[-1]
+    assert last.startswith("esans serve: error:") and str(port) in last
+    assert f"ESANS_{which.upper()}_PORT" in last and f"--{which}-port" in last
+    assert "Traceback" not in err
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"esans {version('esans-sampler')}"
