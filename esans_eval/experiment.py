@@ -11,6 +11,7 @@ the same number of trials (:data:`TUNING`); the test split is read once per repo
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -41,7 +42,7 @@ from esans_eval.negatives import (
 from esans_eval.service import LocalSamplerService
 from esans_eval.split import EvalSet, Split, dataset_split, recent_history, training_examples
 from esans_eval.two_tower import TwoTower
-from esans_sampler.artifact import CodebookArtifact
+from esans_sampler.artifact import CodebookArtifact, load_artifact, save_artifact
 from esans_sampler.build import build_artifact
 from esans_sampler.catalogue import Catalogue, validate_catalogue
 from esans_sampler.client import SamplerClient, SampleResponse
@@ -122,7 +123,7 @@ spends its three on K_p / K_s, the default on its levers (see :data:`DEFAULT_LEV
 DEFAULT_LEVERS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("log-q + user's items masked", {}),
     ("+ gamma 4", {"gamma": 4.0}),
-    ("+ 10 uniform", {"uniform_extra": 10}),
+    ("+ in-batch negatives", {"in_batch": True}),
 )
 """The product default's validation trials: levers over paper ESANS that the issue names."""
 
@@ -284,6 +285,7 @@ class Prepared:
     test_hist: npt.NDArray[np.int32]
     train_ptr: IntArray
     train_items: IntArray
+    features_digest: str  # of the modalities and popularity: keys cached codebooks
 
 
 def prepare(dataset: Dataset, budget: Budget, cache_dir: str | Path) -> Prepared:
@@ -317,14 +319,29 @@ def prepare(dataset: Dataset, budget: Budget, cache_dir: str | Path) -> Prepared
         ),
         train_ptr=ptr,
         train_items=np.concatenate(sorted_train or [np.zeros(0, dtype=np.int64)]).astype(np.int64),
+        features_digest=_digest([*(modalities[m] for m in sorted(modalities)), popularity]),
     )
 
 
+def _digest(arrays: Sequence[npt.NDArray[Any]]) -> str:
+    h = hashlib.sha256()
+    for array in arrays:
+        h.update(str((array.shape, array.dtype)).encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
 def build_codebook(
-    data: Prepared, variant: str, num_primary: int, num_secondary: int, budget: Budget
+    data: Prepared,
+    variant: str,
+    num_primary: int,
+    num_secondary: int,
+    budget: Budget,
+    cache_dir: str | Path | None = None,
 ) -> CodebookArtifact:
     """MSAC on the three modalities (``full``; ``global``: with the paper's global secondary
-    codebook instead of the default per-cluster one) or on behaviour only."""
+    codebook instead of the default per-cluster one) or on behaviour only. With
+    ``cache_dir``, a build is saved there, keyed by its inputs and settings, and reused."""
     names = ("behaviour",) if variant == BEHAVIOUR_ONLY else ("text", "behaviour", "metadata")
     n = data.dataset.num_items
     catalogue = Catalogue(
@@ -344,7 +361,16 @@ def build_codebook(
         seed=0,
         num_threads=budget.threads,
     )
-    return build_artifact(catalogue, config, popularity=data.popularity)
+    key = hashlib.sha256(repr((data.features_digest, names, asdict(config))).encode()).hexdigest()[
+        :20
+    ]
+    cached = None if cache_dir is None else Path(cache_dir) / f"codebook-{key}"
+    if cached is not None and cached.is_dir():
+        return load_artifact(cached)
+    artifact = build_artifact(catalogue, config, popularity=data.popularity)
+    if cached is not None:
+        save_artifact(artifact, cached, overwrite=True)
+    return artifact
 
 
 def popularity_artifact(artifact: CodebookArtifact, alpha: float) -> CodebookArtifact:
@@ -731,7 +757,7 @@ def run_experiment(
         for kp, ks in tqdm(grid, desc="ESANS (paper): K_p/K_s on validation"):
 
             def sweep_trial(kp: int = kp, ks: int = ks) -> RunResult:
-                artifact = build_codebook(data, FULL, kp, ks, budget)
+                artifact = build_codebook(data, FULL, kp, ks, budget, cache_dir)
                 sampling = Sampling({FULL: service.publish(artifact)}, {FULL: fine_cells(artifact)})
                 return _trial(data, paper, sampling, service.client, budget)
 
@@ -750,12 +776,12 @@ def run_experiment(
         if best is None:
             raise ValueError("the K_p / K_s grid is empty")
         _, kp, ks = best
-        full = build_codebook(data, FULL, kp, ks, budget)
+        full = build_codebook(data, FULL, kp, ks, budget, cache_dir)
         result.kp_ks = (kp, ks)
         versions[FULL], fine[FULL] = service.publish(full), fine_cells(full)
         result.codebooks[FULL] = codebook_summary(data, full)
         for variant in sorted({m.codebook for m in methods if m.esans} - {FULL}):
-            artifact = build_codebook(data, variant, kp, ks, budget)
+            artifact = build_codebook(data, variant, kp, ks, budget, cache_dir)
             versions[variant], fine[variant] = service.publish(artifact), fine_cells(artifact)
             result.codebooks[variant] = codebook_summary(data, artifact)
         alphas = {m.pns_alpha for m in methods if m.pns_alpha is not None}

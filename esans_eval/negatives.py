@@ -21,6 +21,9 @@ estimate of the full softmax's normaliser (virtual negatives are not drawn: no c
 With in-batch columns (TFRS's and debiased MNS's batch softmax): every logit, the positive's
 included, loses log E[count_j], the expected number of copies of j among the candidates:
 B p_j from the batch (p: frequency among training targets) + n_u / N from uniform draws.
+ESANS draws with in-batch columns: two estimates of the normaliser, the batch's and the
+draws', weighted by their sizes; each column is corrected by its own (log(B p_j / w_batch)
+or log(n q_j / w_drawn)), the positive as a member of the batch.
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ class Method:
     shared: bool = True
 
     def __post_init__(self) -> None:
-        if self.log_q and self.in_batch and self.sampler not in (None, "uniform"):
-            raise ValueError(f"{self.name}: batch-softmax log q needs uniform draws or none")
+        if self.log_q and self.in_batch and self.sampler == "popularity":
+            raise ValueError(f"{self.name}: batch-softmax log q with PNS draws is not defined")
         if self.sampler is None and not self.in_batch:
             raise ValueError(f"{self.name}: a method needs draws or in-batch negatives")
 
@@ -233,7 +236,21 @@ def step_loss(
         mask |= (col_owner[None, :] >= 0) & (col_owner[None, :] != np.arange(batch)[:, None])
 
     negative_log_q = positive_log_q = None
-    if method.log_q and method.in_batch:
+    if method.log_q and method.in_batch and method.esans:
+        # Two estimates of the softmax normaliser, weighted by their sizes: the batch's
+        # (B draws from the target frequency, the positive among them) and the service's
+        # (n draws, each with its own q). Each column is corrected by its own estimator.
+        n_drawn = int(col_sampled.sum())
+        share_batch = batch / (batch + n_drawn)
+        in_batch_col = real & ~col_sampled
+        batch_correction = np.log(batch) + ctx.log_frequency - math.log(share_batch)
+        negative_log_q = np.where(
+            in_batch_col,
+            batch_correction[np.maximum(col_ids, 0)],
+            np.where(col_sampled, col_log_q + math.log(max(n_drawn, 1) / (1 - share_batch)), 0.0),
+        )
+        positive_log_q = batch_correction[positives]
+    elif method.log_q and method.in_batch:
         n_uniform = int(col_sampled.sum())
         expected = batch * np.exp(ctx.log_frequency) + n_uniform / ctx.num_items
         correction = np.log(expected)

@@ -125,8 +125,33 @@ def test_batch_softmax_log_q_corrects_every_logit() -> None:
     torch.testing.assert_close(got, want)
 
 
+def test_esans_draws_with_the_batch_weigh_two_normaliser_estimates() -> None:
+    """ESANS + in-batch + log q: batch columns and the positive lose log(B p / w), drawn
+    columns log(n q / (1 - w)), w = B / (B + n) the batch's share of the candidates."""
+    table, positives, response, user = _inputs()
+    method = Method("ESANS + batch", "esans", m_h=M_H, in_batch=True, log_q=True)
+    got, _ = _step(method, _context(np.arange(NUM_ITEMS) + 100, [[]] * B))
+    drawn = np.concatenate([response.simple_ids.ravel(), response.hard_ids[response.hard_valid]])
+    drawn_log_q = np.concatenate(
+        [response.simple_log_q.ravel(), response.hard_log_q[response.hard_valid]]
+    ).astype(np.float64)
+    n = len(drawn)
+    w = B / (B + n)
+    log_p = -math.log(NUM_ITEMS)
+    batch_adj = math.log(B) + log_p - math.log(w)
+    negatives = torch.cat([table[drawn], table[positives]])
+    log_q = np.concatenate([drawn_log_q + math.log(n / (1 - w)), np.full(B, batch_adj)])
+    mask = np.concatenate([drawn, positives])[None, :] == positives[:, None]
+    want = info_nce_loss(
+        user, table[positives], negatives, temperature=0.1,
+        negative_log_q=torch.as_tensor(log_q), negative_mask=torch.as_tensor(mask),
+        positive_log_q=torch.full((B,), batch_adj, dtype=torch.float64),
+    )  # fmt: skip
+    torch.testing.assert_close(got, want)
+
+
 def test_methods_reject_impossible_combinations() -> None:
     with pytest.raises(ValueError, match="needs draws or in-batch"):
         Method("nothing", None)
-    with pytest.raises(ValueError, match="batch-softmax log q"):
-        Method("mix", "esans", in_batch=True, log_q=True)
+    with pytest.raises(ValueError, match="PNS draws is not defined"):
+        Method("mix", "popularity", in_batch=True, log_q=True)
