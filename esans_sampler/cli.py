@@ -66,8 +66,14 @@ def _add_build_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
     hp = p.add_argument_group("MSAC parameters (defaults: paper, Table 6)")
-    hp.add_argument("--kp", "--num-primary", dest="num_primary", type=int, default=300)
-    hp.add_argument("--ks", "--num-secondary", dest="num_secondary", type=int, default=15)
+    hp.add_argument(
+        "--kp", "--num-primary", dest="num_primary", type=int, default=300,
+        help="primary codewords K_p (default 300)",
+    )  # fmt: skip
+    hp.add_argument(
+        "--ks", "--num-secondary", dest="num_secondary", type=int, default=15,
+        help="secondary codewords K_s, per primary cluster or shared (default 15)",
+    )  # fmt: skip
     hp.add_argument(
         "--secondary",
         choices=("per_cluster", "global"),
@@ -76,15 +82,26 @@ def _add_build_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "cluster splits into fine cells and positives get hard negatives; global: the paper's "
         "one shared secondary codebook (can collapse each cluster into one fine cell)",
     )
-    hp.add_argument("--dm", "--embedding-dim", dest="embedding_dim", type=int, default=512)
-    hp.add_argument("--beta", type=float, default=2.0, help="weight of each alignment loss")
+    hp.add_argument(
+        "--dm", "--embedding-dim", dest="embedding_dim", type=int, default=512,
+        help="width d_m of each aligned modality embedding (default 512)",
+    )  # fmt: skip
+    hp.add_argument(
+        "--beta", type=float, default=2.0, help="weight of each alignment loss (default 2.0)"
+    )
     hp.add_argument(
         "--gamma", type=float, default=1.0, help="cluster-choice sharpness (stored default)"
     )
-    hp.add_argument("--epochs", type=int, default=None)
-    hp.add_argument("--batch-size", type=int, default=None)
-    hp.add_argument("--learning-rate", type=float, default=None)
-    hp.add_argument("--seed", type=int, default=0)
+    hp.add_argument(
+        "--epochs", type=int, default=None, help="MSAC passes over the catalogue (default 3)"
+    )
+    hp.add_argument(
+        "--batch-size", type=int, default=None, help="MSAC mini-batch of items (default 1024)"
+    )
+    hp.add_argument(
+        "--learning-rate", type=float, default=None, help="MSAC Adam learning rate (default 1e-3)"
+    )
+    hp.add_argument("--seed", type=int, default=0, help="random seed of the build (default 0)")
     hp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -299,13 +316,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="generate a demo catalogue and build a codebook from it")
-    p.add_argument(
-        "--out", default="var/demo", help="directory for the demo catalogue and artifact"
+    p = sub.add_parser(
+        "demo",
+        help="generate a demo catalogue and build a codebook from it",
+        description="Generate a synthetic catalogue with three clustered modalities and build a "
+        "codebook from it (what `esans serve --demo` publishes when no codebook is active).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--items", type=int, default=20_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="var/demo", help="directory for the catalogue and artifact")
+    p.add_argument("--items", type=int, default=20_000, help="catalogue size")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the catalogue and build")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -344,24 +365,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_epilog() -> str:
+    """Every ESANS_ setting with its default and description, for `serve --help`."""
+    try:
+        from service.settings import ENV_PREFIX, Settings
+    except ImportError:  # a client-only install has no server
+        return "settings: the server is not installed here"
+    lines = ["settings (environment variables; the flags above win):"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        text = f"  {ENV_PREFIX}{name.upper()} (default {default!s})"
+        lines.append(text + (f": {field.description}" if field.description else ""))
+    return "\n".join(lines)
+
+
 def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve",
         help="serve SampleNegatives over gRPC and HTTP",
         description="Serve SampleNegatives over gRPC and HTTP. Every setting can also be given "
-        "as an ESANS_ environment variable (e.g. ESANS_REDIS_URL); flags win.",
+        "as an ESANS_ environment variable (listed below); flags win.",
+        epilog=_settings_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--redis-url", help="codebook store; default: an embedded redis-server")
-    p.add_argument("--data-dir", help="embedded Redis data directory (default var/redis)")
-    p.add_argument("--grpc-port", type=int)
-    p.add_argument("--http-port", type=int)
-    p.add_argument("--log-level")
+    p.add_argument(
+        "--redis-url", help="codebook store (ESANS_REDIS_URL); default: an embedded redis-server"
+    )
+    p.add_argument(
+        "--data-dir", help="embedded Redis data directory (ESANS_DATA_DIR; default var/redis)"
+    )
+    p.add_argument("--grpc-port", type=int, help="gRPC port (ESANS_GRPC_PORT; default 50051)")
+    p.add_argument("--http-port", type=int, help="HTTP port (ESANS_HTTP_PORT; default 8000)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ... (ESANS_LOG_LEVEL; default INFO)")
     p.add_argument(
         "--demo",
         action="store_true",
         help="if no codebook is active, build a demo codebook (esans demo) and publish it first",
     )
-    p.add_argument("--demo-dir", default="var/demo", help="where --demo keeps its catalogue")
+    p.add_argument(
+        "--demo-dir", default="var/demo", help="where --demo keeps its catalogue (default var/demo)"
+    )
 
 
 def _serve_settings(args: argparse.Namespace) -> Any:

@@ -157,3 +157,19 @@ def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"esans {version('esans-sampler')}"
+
+
+def test_help_documents_every_flag_and_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    from service.settings import Settings
+
+    for command in ("serve", "demo", "publish", "build", "inspect"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        options = text.split("options:", 1)[1].split("settings (environment", 1)[0]
+        blocks = [b for b in options.split("\n  -") if b.strip()]
+        for block in blocks:  # every flag has a help text after its name
+            assert len(block.split()) > 2 or block.strip().startswith("h, --help"), (command, block)
+        if command == "serve":
+            for name in Settings.model_fields:
+                assert f"ESANS_{name.upper()} (default" in text
