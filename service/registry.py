@@ -35,7 +35,7 @@ from esans_sampler.errors import (
     UnavailableError,
 )
 from esans_sampler.sampler import EsansSampler
-from service.store import CodebookStore, parse_event
+from service.store import FULL_VERSION_CHARS, MIN_VERSION_PREFIX, CodebookStore, parse_event
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +182,23 @@ class CodebookRegistry:
             self._last_used[snapshot.active.version] = time.monotonic()
             return snapshot.active
         loaded = snapshot.loaded.get(version)
+        if loaded is None and len(version) < FULL_VERSION_CHARS:
+            # A prefix (e.g. the 16 characters `esans build` prints): a loaded version it
+            # names uniquely costs no Redis call; otherwise the store resolves it.
+            named = [v for v in snapshot.loaded if v.startswith(version)]
+            if len(named) == 1 and len(version) >= MIN_VERSION_PREFIX:
+                loaded = snapshot.loaded[named[0]]
+            else:
+                try:
+                    version = self._store.resolve(version)
+                except redis.RedisError as exc:
+                    raise UnavailableError(
+                        f"cannot resolve version prefix {version!r}: the store is unreachable "
+                        f"({exc}); give the full version to use a loaded one"
+                    ) from exc
+                loaded = snapshot.loaded.get(version)
         if loaded is not None:
-            self._last_used[version] = time.monotonic()
+            self._last_used[loaded.version] = time.monotonic()
             return loaded
         return self._load_pinned(version)
 

@@ -41,6 +41,8 @@ from esans_sampler.errors import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "esans"
+FULL_VERSION_CHARS = 64  # a version is the sha256 of the artifact's files, in hex
+MIN_VERSION_PREFIX = 8
 DEFAULT_KEEP_VERSIONS = 5
 # Well below Redis' 512 MB value limit; a 64 MiB SET also keeps the server responsive.
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
@@ -313,8 +315,37 @@ class CodebookStore:
 
     # -- activation -------------------------------------------------------------------
 
+    def resolve(self, version: str) -> str:
+        """The full version a prefix names (the 16-character form build, publish and demo
+        print, or any unique prefix of at least :data:`MIN_VERSION_PREFIX` characters).
+
+        Raises:
+            InvalidInputError: the prefix is too short or matches several versions.
+            NotFoundError: no stored version starts with it.
+        """
+        if len(version) >= FULL_VERSION_CHARS:
+            return version
+        if len(version) < MIN_VERSION_PREFIX:
+            raise InvalidInputError(
+                f"version {version!r} is too short: give at least {MIN_VERSION_PREFIX} "
+                "characters of it (or all 64)"
+            )
+        raw = cast(list[bytes], self._client.zrange(self.versions_key, 0, -1))
+        stored = [v.decode("utf-8") for v in raw]
+        matches = sorted(v for v in stored if v.startswith(version))
+        if not matches:
+            raise NotFoundError(self._unknown_message(version))
+        if len(matches) > 1:
+            shown = ", ".join(m[:16] for m in matches[:5])
+            raise InvalidInputError(
+                f"version prefix {version!r} is ambiguous: it starts {len(matches)} stored "
+                f"versions ({shown}); give more characters"
+            )
+        return matches[0]
+
     def activate(self, version: str) -> None:
-        """Make ``version`` the active one (a rollback when it is older).
+        """Make ``version`` (or a unique prefix of it) the active one (a rollback when it is
+        older).
 
         Its files are read back and verified first; the pointer flip itself is atomic and
         re-checks that the version is complete and every file key exists.
@@ -324,6 +355,7 @@ class CodebookStore:
             FailedPreconditionError: the version is incomplete, partial or corrupted
                 (:class:`ArtifactError` for the latter two).
         """
+        version = self.resolve(version)
         self.verify(version)
         self._activate_verified(version)
 
@@ -449,12 +481,13 @@ class CodebookStore:
     # -- deletion and retention -------------------------------------------------------
 
     def delete(self, version: str) -> None:
-        """Delete ``version`` and its files.
+        """Delete ``version`` (or a unique prefix of it) and its files.
 
         Raises:
             NotFoundError: no such version.
             FailedPreconditionError: it is the active version (activate another first).
         """
+        version = self.resolve(version)
         meta = self._meta(version)
         layout = _Layout({}) if meta is None else _Layout.from_json(meta.get("layout"), version)
         code = self._delete_keys(version, layout)

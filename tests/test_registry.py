@@ -15,7 +15,12 @@ from redis.retry import Retry
 
 from esans_sampler.artifact import INDEX_FILE, CodebookArtifact, artifact_to_files
 from esans_sampler.baselines import PopularitySampler
-from esans_sampler.errors import ArtifactError, NotFoundError, UnavailableError
+from esans_sampler.errors import (
+    ArtifactError,
+    InvalidInputError,
+    NotFoundError,
+    UnavailableError,
+)
 from service.embedded_redis import EmbeddedRedis
 from service.registry import CodebookRegistry, load_codebook
 from service.store import CodebookStore
@@ -320,3 +325,34 @@ def test_popularity_sampler_from_artifact_array(make_artifact: ArtifactFactory) 
     counts = np.linspace(1.0, 50.0, base.num_items)
     loaded = load_codebook(dataclasses.replace(base, popularity=counts))
     assert isinstance(loaded.popularity, PopularitySampler)
+
+
+def test_a_unique_version_prefix_is_accepted_wherever_a_version_is(
+    redis_client: redis.Redis, make_artifact: ArtifactFactory
+) -> None:
+    """The 16 characters build / publish / demo print name a version; a prefix shorter than
+    8 characters or shared by two versions is a clear InvalidInputError."""
+    store = CodebookStore(redis_client, namespace="prefix")
+    first = store.publish(artifact_to_files(make_artifact(seed=11)), activate=True)
+    second = store.publish(artifact_to_files(make_artifact(seed=12)), activate=False)
+    registry = CodebookRegistry(store)
+    registry.refresh()
+    assert registry.get(first[:16]).version == first  # loaded: no store call needed
+    assert registry.get(second[:8]).version == second  # loaded from the store
+    store.activate(second[:12])
+    assert store.active_version() == second
+    with pytest.raises(InvalidInputError, match="too short"):
+        registry.get(first[:7])
+    unknown = next(
+        c * 9 for c in "0123456789abcdef" if not (first + second).count(c * 9)
+    )  # a prefix of neither version
+    with pytest.raises(NotFoundError):
+        registry.get(unknown)
+    store.delete(first[:10])
+    assert [v.version for v in store.versions()] == [second]
+    # Two stored versions sharing a prefix (entries of the version index, no files needed).
+    twins = ["abcdef01" + "0" * 56, "abcdef01" + "1" * 56]
+    redis_client.zadd(store.versions_key, {t: 0 for t in twins})
+    with pytest.raises(InvalidInputError, match="ambiguous: it starts 2 stored versions"):
+        store.resolve("abcdef01")
+    assert store.resolve("abcdef011") == twins[1]
