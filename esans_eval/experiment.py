@@ -122,8 +122,11 @@ spends its three on K_p / K_s, the default on its levers (see :data:`DEFAULT_LEV
 
 DEFAULT_LEVERS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("log-q + user's items masked", {}),
-    ("+ gamma 4", {"gamma": 4.0}),
     ("+ in-batch negatives", {"in_batch": True}),
+    (
+        "in-batch softmax + ESANS hard negatives",
+        {"in_batch": True, "simple_negatives": False, "correct_drawn": False},
+    ),
 )
 """The product default's validation trials: levers over paper ESANS that the issue names."""
 
@@ -321,6 +324,12 @@ def prepare(dataset: Dataset, budget: Budget, cache_dir: str | Path) -> Prepared
         train_items=np.concatenate(sorted_train or [np.zeros(0, dtype=np.int64)]).astype(np.int64),
         features_digest=_digest([*(modalities[m] for m in sorted(modalities)), popularity]),
     )
+
+
+def _config_key(method: Method) -> str:
+    """A short digest of a method's whole configuration: a resumed run reuses a finished
+    one only when it was trained with exactly this configuration."""
+    return hashlib.sha256(repr(method).encode()).hexdigest()[:10]
 
 
 def _digest(arrays: Sequence[npt.NDArray[Any]]) -> str:
@@ -846,7 +855,7 @@ def run_experiment(
         jobs = [(seed, m) for tier in tiers for seed in range(budget.seeds) for m in tier]
         for seed, method in tqdm(jobs, desc="runs (method x seed)", position=0):
             run = cached(
-                f"run:{method.name}:{seed}",
+                f"run:{method.name}:{seed}:{_config_key(method)}",
                 partial(train_run, data, method, sampling, service.client, budget, seed),
             )
             result.runs.append(run)

@@ -71,6 +71,10 @@ class Method:
     mask_history: bool = False
     pns_alpha: float | None = None
     shared: bool = True
+    simple_negatives: bool = True
+    """False: only the hard negatives of an ESANS draw enter the loss (with in-batch ones)."""
+    correct_drawn: bool = True
+    """With in-batch + log q: False leaves the drawn negatives uncorrected."""
 
     def __post_init__(self) -> None:
         if self.log_q and self.in_batch and self.sampler == "popularity":
@@ -96,6 +100,10 @@ class Method:
             parts.append("EDIS")
         if self.in_batch:
             parts.append("in-batch")
+        if not self.simple_negatives:
+            parts.append("hard only")
+        if self.log_q and not self.correct_drawn:
+            parts.append("drawn uncorrected")
         if self.log_q:
             parts.append("log-q")
         if self.mask_history:
@@ -183,27 +191,34 @@ def step_loss(
         n_simple = simple_ids.size
         simple = emb[:n_simple]
         hard = emb[n_simple:]
-        columns += [simple, hard]
         hard_rows = np.nonzero(valid)[0]
-        ids += [simple_ids.ravel(), response.hard_ids[valid]]
-        owner += [np.repeat(np.arange(batch), simple_ids.shape[1]), hard_rows]
-        log_q += [
-            response.simple_log_q.reshape(-1).astype(np.float64),
-            response.hard_log_q[valid].astype(np.float64),
-        ]
-        is_sampled += [np.ones(n_simple + len(hard_rows), dtype=bool)]
+        keep_simple = k > 0 or method.simple_negatives
+        if keep_simple:
+            columns.append(simple)
+            ids.append(simple_ids.ravel())
+            owner.append(np.repeat(np.arange(batch), simple_ids.shape[1]))
+            log_q.append(response.simple_log_q.reshape(-1).astype(np.float64))
+            is_sampled.append(np.ones(n_simple, dtype=bool))
+        columns.append(hard)
+        ids.append(response.hard_ids[valid])
+        owner.append(hard_rows)
+        log_q.append(response.hard_log_q[valid].astype(np.float64))
+        is_sampled.append(np.ones(len(hard_rows), dtype=bool))
         if k == 0 and method.use_edis:
-            anchors = simple.reshape(*response.simple_ids.shape, -1)
-            virtual, _ = simple_interpolation(anchors, ctx.eta)
-            per_row = virtual.shape[1] * virtual.shape[2]
-            columns.append(virtual.reshape(-1, virtual.shape[-1]))
+            n_virtual = len(hard_rows)
+            if keep_simple:
+                anchors = simple.reshape(*response.simple_ids.shape, -1)
+                virtual, _ = simple_interpolation(anchors, ctx.eta)
+                per_row = virtual.shape[1] * virtual.shape[2]
+                columns.append(virtual.reshape(-1, virtual.shape[-1]))
+                owner.append(np.repeat(np.arange(batch), per_row))
+                n_virtual += batch * per_row
             hard_virtual = hard_interpolation(
                 v_pos[torch.as_tensor(hard_rows)], hard.unsqueeze(1), method.lam(ctx.hard_lambda)
             ).squeeze(1)
             columns.append(hard_virtual)
-            n_virtual = batch * per_row + len(hard_rows)
+            owner.append(hard_rows)
             ids.append(np.full(n_virtual, -1, dtype=np.int64))
-            owner += [np.repeat(np.arange(batch), per_row), hard_rows]
             log_q.append(np.full(n_virtual, np.nan))
             is_sampled.append(np.zeros(n_virtual, dtype=bool))
     if method.in_batch:
@@ -236,7 +251,14 @@ def step_loss(
         mask |= (col_owner[None, :] >= 0) & (col_owner[None, :] != np.arange(batch)[:, None])
 
     negative_log_q = positive_log_q = None
-    if method.log_q and method.in_batch and method.esans:
+    if method.log_q and method.in_batch and method.esans and not method.correct_drawn:
+        # The batch softmax's own correction; the drawn (hard) negatives ride along as
+        # extra negatives, uncorrected, as hard negatives are added to a batch softmax.
+        batch_correction = np.log(batch) + ctx.log_frequency
+        in_batch_col = real & ~col_sampled
+        negative_log_q = np.where(in_batch_col, batch_correction[np.maximum(col_ids, 0)], 0.0)
+        positive_log_q = batch_correction[positives]
+    elif method.log_q and method.in_batch and method.esans:
         # Two estimates of the softmax normaliser, weighted by their sizes: the batch's
         # (B draws from the target frequency, the positive among them) and the service's
         # (n draws, each with its own q). Each column is corrected by its own estimator.

@@ -346,7 +346,7 @@ def progress_summary(path: str | Path) -> str:
             "| epochs | minutes |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for line in lines[1:]:
         entry = json.loads(line)
-        kind, method, what = entry["key"].split(":", 2)
+        kind, method, what = entry["key"].split(":")[:3]
         run = run_from_dict(entry["value"])
         rows.append(
             f"| {kind} | {method} | {what} | {run.valid[50]:.4f} | "

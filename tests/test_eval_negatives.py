@@ -155,3 +155,24 @@ def test_methods_reject_impossible_combinations() -> None:
         Method("nothing", None)
     with pytest.raises(ValueError, match="PNS draws is not defined"):
         Method("mix", "popularity", in_batch=True, log_q=True)
+
+
+def test_hard_negatives_ride_along_a_batch_softmax_uncorrected() -> None:
+    table, positives, response, user = _inputs()
+    method = Method(
+        "batch + hard", "esans", m_h=M_H, in_batch=True, log_q=True,
+        simple_negatives=False, correct_drawn=False,
+    )  # fmt: skip
+    got, stats = _step(method, _context(np.arange(NUM_ITEMS) + 100, [[]] * B))
+    hard = response.hard_ids[response.hard_valid]
+    adj = math.log(B) - math.log(NUM_ITEMS)  # log(B p) with p uniform in the context
+    negatives = torch.cat([table[hard], table[positives]])
+    log_q = np.concatenate([np.zeros(len(hard)), np.full(B, adj)])
+    mask = np.concatenate([hard, positives])[None, :] == positives[:, None]
+    want = info_nce_loss(
+        user, table[positives], negatives, temperature=0.1,
+        negative_log_q=torch.as_tensor(log_q), negative_mask=torch.as_tensor(mask),
+        positive_log_q=torch.full((B,), adj, dtype=torch.float64),
+    )  # fmt: skip
+    torch.testing.assert_close(got, want)
+    assert set(stats.negative_ids.tolist()) == set(hard.tolist()) | set(positives.tolist())  # type: ignore[attr-defined]
