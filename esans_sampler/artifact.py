@@ -294,16 +294,11 @@ def manifest_of(files: Mapping[str, bytes]) -> dict[str, Any]:
     return manifest
 
 
-def artifact_from_files(files: Mapping[str, bytes], verify: bool = True) -> CodebookArtifact:
-    """Rebuild an artifact from :func:`artifact_to_files` output, refusing anything damaged.
-
-    Sizes are always checked; with ``verify`` the sha256 of every data file is too.
-    Arrays are always checked for consistency (the index is rebuilt from ids and codes and
-    must equal the stored CSR arrays). Raises :class:`ArtifactError` naming the file.
-    """
+def check_files(files: Mapping[str, bytes], verify: bool = True) -> None:
+    """Raise :class:`ArtifactError` naming the first file that is missing, of the wrong
+    size or (with ``verify``) whose sha256 differs from the manifest's."""
     manifest = manifest_of(files)
-    entries: dict[str, dict[str, Any]] = manifest["files"]
-    for name, entry in entries.items():
+    for name, entry in manifest["files"].items():
         data = files.get(name)
         if data is None:
             raise ArtifactError(f"{name}: file is missing from the artifact")
@@ -314,6 +309,18 @@ def artifact_from_files(files: Mapping[str, bytes], verify: bool = True) -> Code
             )
         if verify and _sha256(data) != entry["sha256"]:
             raise ArtifactError(f"{name}: checksum mismatch, the file is corrupted")
+
+
+def artifact_from_files(files: Mapping[str, bytes], verify: bool = True) -> CodebookArtifact:
+    """Rebuild an artifact from :func:`artifact_to_files` output, refusing anything damaged.
+
+    Sizes are always checked; with ``verify`` the sha256 of every data file is too.
+    Arrays are always checked for consistency (the index is rebuilt from ids and codes and
+    must equal the stored CSR arrays). Raises :class:`ArtifactError` naming the file.
+    """
+    manifest = manifest_of(files)
+    entries: dict[str, dict[str, Any]] = manifest["files"]
+    check_files(files, verify=verify)
     codebook = read_codebook(CODEBOOK_FILE, files[CODEBOOK_FILE])
     index = read_index(INDEX_FILE, files[INDEX_FILE])
     choice = typed(

@@ -30,7 +30,7 @@ from typing import Any, cast
 
 import redis
 
-from esans_sampler.artifact import MANIFEST, artifact_from_files, manifest_of
+from esans_sampler.artifact import MANIFEST, artifact_from_files, check_files, manifest_of
 from esans_sampler.errors import (
     ArtifactError,
     FailedPreconditionError,
@@ -228,6 +228,12 @@ class CodebookStore:
         missing = [name for name in names if name not in files]
         if missing:
             raise ArtifactError(f"codebook {version}: file(s) {missing} are missing")
+        # The incoming copy is checked before anything else: a damaged directory whose
+        # version is already stored must fail, not report success.
+        try:
+            check_files(files, verify=True)
+        except ArtifactError as exc:
+            raise ArtifactError(f"codebook {version[:16]}: {exc}") from exc
         # One writer per version: concurrent publishes of the same content wait, then find
         # it complete and write nothing.
         lock = self._client.lock(

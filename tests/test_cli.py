@@ -173,3 +173,23 @@ def test_help_documents_every_flag_and_the_settings(capsys: pytest.CaptureFixtur
         if command == "serve":
             for name in Settings.model_fields:
                 assert f"ESANS_{name.upper()} (default" in text
+
+
+def test_publish_of_a_corrupt_directory_fails_even_when_its_version_is_stored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], redis_server: EmbeddedRedis
+) -> None:
+    from conftest import build_random_artifact
+
+    from esans_sampler.artifact import CODEBOOK_FILE, save_artifact
+
+    save_artifact(build_random_artifact(seed=2, num_items=50, dim=4), tmp_path / "art")
+    args = ["publish", str(tmp_path / "art"), "--redis-url", redis_server.url]
+    assert main(args) == 0
+    capsys.readouterr()
+    damaged = tmp_path / "art" / CODEBOOK_FILE
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF  # same size, one flipped byte
+    damaged.write_bytes(bytes(data))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and CODEBOOK_FILE in err
