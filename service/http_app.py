@@ -12,6 +12,7 @@ configured token they answer 403. Every admin call, allowed or refused, is logge
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -268,7 +269,10 @@ def list_versions(store: Store, registry: Registry) -> dict[str, Any]:
         "versions": [
             {
                 "version": v.version,
-                "created_at": v.created_at,
+                # ISO 8601 (UTC), like the codebook's own created_at in GetCodebookInfo
+                "created_at": dt.datetime.fromtimestamp(v.created_at, dt.UTC).isoformat(
+                    timespec="seconds"
+                ),
                 "complete": v.complete,
                 "active": v.active,
                 "num_items": v.num_items,
@@ -384,9 +388,39 @@ def _report(exc: Exception) -> ErrorReport:
     return describe(exc)
 
 
+async def _body_format_report(request: Request, exc: RequestValidationError) -> ErrorReport | None:
+    """415 for a body that is not declared JSON, 400 with the position for malformed JSON;
+    None when the body parsed and only its fields are wrong (422)."""
+    body_errors = [e for e in exc.errors() if tuple(e.get("loc", ()))[:1] == ("body",)]
+    if not body_errors:
+        return None
+    content_type = request.headers.get("content-type", "")
+    if not content_type.split(";")[0].strip().lower().endswith("json"):
+        return ErrorReport(
+            status_code("INVALID_ARGUMENT"), 415, "INVALID_ARGUMENT",
+            f"the body must be JSON: send Content-Type: application/json "
+            f"(got {content_type or 'no content type'})",
+        )  # fmt: skip
+    broken = next((e for e in body_errors if e.get("type") == "json_invalid"), None)
+    if broken is None:
+        return None
+    loc = tuple(broken.get("loc", ()))
+    offset = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else 0
+    text = (await request.body())[:offset].decode("utf-8", errors="replace")
+    line, column = text.count("\n") + 1, offset - (text.rfind("\n") + 1) + 1
+    reason = str(broken.get("ctx", {}).get("error", broken.get("msg", "decode error")))
+    return ErrorReport(
+        status_code("INVALID_ARGUMENT"), 400, "INVALID_ARGUMENT",
+        f"the body is not valid JSON: {reason} at line {line} column {column}",
+    )  # fmt: skip
+
+
 async def error_response(request: Request, exc: Exception) -> JSONResponse:
     """The one exception handler: status and ``{"error": {"code", "message"}}``."""
-    report = _report(exc)
+    report = None
+    if isinstance(exc, RequestValidationError):
+        report = await _body_format_report(request, exc)
+    report = report or _report(exc)
     headers = {"WWW-Authenticate": "Bearer"} if report.http_status == 401 else None
     return JSONResponse(report.envelope(), status_code=report.http_status, headers=headers)
 

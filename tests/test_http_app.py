@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import math
 import tarfile
@@ -344,6 +345,8 @@ def test_admin_lifecycle(http: httpx.Client, runtime: ServiceRuntime, tmp_path: 
     listed = http.get("/admin/versions", headers=AUTH).json()
     assert listed["active_version"] == original == listed["serving_version"]
     assert {v["version"] for v in listed["versions"]} == {v for v, _ in _versions(runtime)}
+    for entry in listed["versions"]:  # ISO 8601 in UTC, as GetCodebookInfo's created_at
+        assert dt.datetime.fromisoformat(entry["created_at"]).utcoffset() == dt.timedelta(0)
 
     # Upload without activation (zip), then with activation (tar.gz).
     directory, staged = _artifact_dir(tmp_path, seed=60)
@@ -466,3 +469,28 @@ def test_admin_write_with_a_read_only_redis_user_is_403(redis_server: EmbeddedRe
         runtime.stop(grace=0)
         with redis_server.client() as client:
             client.execute_command("ACL", "DELUSER", "ro-test")
+
+
+def test_body_format_errors_say_what_is_wrong(
+    http: httpx.Client, ids: list[int], tmp_path: Path
+) -> None:
+    import json as json_module
+
+    body = json_module.dumps({"positive_ids": ids})
+    response = http.post("/v1/sample", content=body, headers={"content-type": "text/plain"})
+    assert response.status_code == 415, response.text
+    assert "application/json" in response.json()["error"]["message"]
+    response = http.post(
+        "/v1/sample",
+        content=b'{"positive_ids": [1, 2',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert message.startswith("the body is not valid JSON") and "line 1" in message
+    # A corrupt artifact upload is unprocessable content, not a server error.
+    directory, _ = _artifact_dir(tmp_path, seed=77)
+    payload = bytearray(_zip(directory))
+    payload[len(payload) // 2] ^= 0xFF
+    response = http.post("/admin/artifacts", headers=AUTH, content=bytes(payload))
+    assert response.status_code == 422, response.text
