@@ -389,8 +389,8 @@ def _report(exc: Exception) -> ErrorReport:
 
 
 async def _body_format_report(request: Request, exc: RequestValidationError) -> ErrorReport | None:
-    """415 for a body that is not declared JSON, 400 with the position for malformed JSON;
-    None when the body parsed and only its fields are wrong (422)."""
+    """415 for a body that is not declared JSON; for malformed JSON, 422 (as every invalid
+    request) with the position; None when the body parsed and only its fields are wrong."""
     body_errors = [e for e in exc.errors() if tuple(e.get("loc", ()))[:1] == ("body",)]
     if not body_errors:
         return None
@@ -410,7 +410,7 @@ async def _body_format_report(request: Request, exc: RequestValidationError) -> 
     line, column = text.count("\n") + 1, offset - (text.rfind("\n") + 1) + 1
     reason = str(broken.get("ctx", {}).get("error", broken.get("msg", "decode error")))
     return ErrorReport(
-        status_code("INVALID_ARGUMENT"), 400, "INVALID_ARGUMENT",
+        status_code("INVALID_ARGUMENT"), 422, "INVALID_ARGUMENT",
         f"the body is not valid JSON: {reason} at line {line} column {column}",
     )  # fmt: skip
 

@@ -485,7 +485,7 @@ def test_body_format_errors_say_what_is_wrong(
         content=b'{"positive_ids": [1, 2',
         headers={"content-type": "application/json"},
     )
-    assert response.status_code == 400, response.text
+    assert response.status_code == 422, response.text
     message = response.json()["error"]["message"]
     assert message.startswith("the body is not valid JSON") and "line 1" in message
     # A corrupt artifact upload is unprocessable content, not a server error.
