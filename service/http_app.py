@@ -289,10 +289,11 @@ async def upload_artifact(
     request: Request,
     store: Store,
     registry: Registry,
-    activate: Annotated[bool, Query()] = False,
+    activate: Annotated[bool, Query()] = True,
 ) -> dict[str, Any]:
     """Publish an artifact sent as a tar(.gz) or zip of its directory, or as multipart
-    files; it is verified before it is stored. ``?activate=true`` makes it active."""
+    files; it is verified before it is stored and, as with ``esans publish``, activated
+    unless ``?activate=false`` (then only stored, like ``esans publish --no-activate``)."""
     settings: Settings = request.app.state.settings
     body = await _read_body(request, settings.max_upload_bytes)
     content_type = request.headers.get("content-type", "")

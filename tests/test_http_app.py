@@ -350,7 +350,7 @@ def test_admin_lifecycle(http: httpx.Client, runtime: ServiceRuntime, tmp_path: 
 
     # Upload without activation (zip), then with activation (tar.gz).
     directory, staged = _artifact_dir(tmp_path, seed=60)
-    response = http.post("/admin/artifacts", headers=AUTH, content=_zip(directory))
+    response = http.post("/admin/artifacts?activate=false", headers=AUTH, content=_zip(directory))
     assert response.status_code == 200, response.text
     assert response.json()["version"] == staged and runtime.registry.active_version == original
     directory, fresh = _artifact_dir(tmp_path, seed=61)
@@ -375,9 +375,9 @@ def test_admin_multipart_upload(
 ) -> None:
     directory, version = _artifact_dir(tmp_path, seed=70)
     files = [("files", (p.name, p.read_bytes())) for p in sorted(directory.iterdir())]
-    response = http.post("/admin/artifacts", headers=AUTH, files=files)
+    response = http.post("/admin/artifacts?activate=false", headers=AUTH, files=files)
     assert response.status_code == 200, response.text
-    assert response.json()["version"] == version
+    assert response.json()["version"] == version and response.json()["activated"] is False
     http.delete(f"/admin/versions/{version}", headers=AUTH)
 
 
