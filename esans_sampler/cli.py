@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -16,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esans_sampler.errors import EsansError, FailedPreconditionError, UnavailableError
+from esans_sampler.errors import (
+    EsansError,
+    FailedPreconditionError,
+    InvalidInputError,
+    UnavailableError,
+)
 
 if TYPE_CHECKING:
     from esans_sampler.artifact import CodebookArtifact
@@ -133,15 +139,22 @@ def _cmd_build(args: argparse.Namespace) -> int:
         "num_threads": args.threads,
     }
     overrides = {key: value for key, value in optional.items() if value is not None}
-    config = MSACConfig(
-        embedding_dim=args.embedding_dim,
-        num_primary=args.num_primary,
-        num_secondary=args.num_secondary,
-        secondary=args.secondary,
-        beta=args.beta,
-        seed=args.seed,
-        **overrides,
-    )
+    out = Path(args.out)
+    if out.exists() and not args.overwrite and not (out.is_dir() and not any(out.iterdir())):
+        raise EsansError(f"--out {out} already exists; pass --overwrite to replace it")
+    try:
+        config = MSACConfig(
+            embedding_dim=args.embedding_dim,
+            num_primary=args.num_primary,
+            num_secondary=args.num_secondary,
+            secondary=args.secondary,
+            beta=args.beta,
+            seed=args.seed,
+            **overrides,
+        )
+        config.check_catalogue(catalogue.num_items)
+    except InvalidInputError as exc:
+        raise InvalidInputError(_with_flag_names(str(exc))) from exc
     embeddings: Any = None
     if args.embeddings:
         embeddings = load_embedding_snapshot(args.embeddings, catalogue.num_items)
@@ -169,6 +182,26 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(_summary(artifact))
     print(f"\nwrote {args.out} (version {version[:16]}) in {elapsed:.1f} s")
     return 0
+
+
+_FLAGS = {
+    "num_primary": "--kp",
+    "num_secondary": "--ks",
+    "embedding_dim": "--dm",
+    "batch_size": "--batch-size",
+    "learning_rate": "--learning-rate",
+    "num_threads": "--threads",
+    "epochs": "--epochs",
+    "beta": "--beta",
+    "secondary": "--secondary",
+}
+
+
+def _with_flag_names(message: str) -> str:
+    """A configuration error in the words of the command line (--kp, not num_primary)."""
+    for name, flag in _FLAGS.items():
+        message = re.sub(rf"\b{name}\b", flag, message)
+    return message
 
 
 def _history_table(history: list[dict[str, Any]]) -> str:

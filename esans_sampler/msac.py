@@ -122,12 +122,19 @@ def _init_codebooks(
     mats: Sequence[FeatureMatrix],
     num_items: int,
     generator: torch.Generator,
+    show_progress_bar: bool = False,
 ) -> None:
     """k-means on a spread sample of the items' initial embeddings: primary on R_p,
-    secondary on R_s."""
+    secondary on R_s. The bar shows the sample being read, then each k-means."""
     config = model.config
     n_init = _sample_size(config, num_items)
     blocks = spread_blocks(num_items, n_init, config.batch_size)
+    bar = tqdm(
+        total=len(blocks) + 2,
+        desc=f"codebook init: reading {n_init} items",
+        unit="step",
+        disable=not show_progress_bar,
+    )
     d = config.embedding_dim
     num_modalities = model.num_modalities
     with torch.no_grad():
@@ -142,7 +149,9 @@ def _init_codebooks(
                 r_s[rows, m * d : (m + 1) * d] = emb
                 r_p[rows] += emb
             filled += stop - start
+            bar.update()
         r_p /= num_modalities  # eq. 5
+        bar.set_description(f"codebook init: primary k-means (K_p {config.num_primary})")
         z_p, primary = kmeans(
             r_p,
             config.num_primary,
@@ -151,6 +160,8 @@ def _init_codebooks(
             num_restarts=config.kmeans_restarts,
         )
         del r_p
+        bar.update()
+        bar.set_description(f"codebook init: secondary k-means (K_s {config.num_secondary})")
         model.primary_codewords.copy_(z_p)
         assigned = z_p[primary]
         for m in range(num_modalities):
@@ -175,6 +186,8 @@ def _init_codebooks(
                 num_restarts=config.kmeans_restarts,
             )
         model.secondary_codewords.copy_(z_s)
+        bar.update()
+        bar.close()
 
 
 def _sample_size(config: MSACConfig, num_items: int) -> int:
@@ -312,7 +325,7 @@ def train_msac(
     history: list[EpochStats] = []
     with _torch_threads(config.num_threads):
         model = MSACModel([int(m.shape[1]) for m in mats], config, generator)
-        _init_codebooks(model, names, mats, num_items, generator)
+        _init_codebooks(model, names, mats, num_items, generator, show_progress_bar)
         # fused: one kernel over every parameter, 6x faster than the default on CPU, which
         # matters for per-cluster secondary codebooks (K_p * K_s * M * d_m parameters).
         optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=True)

@@ -193,3 +193,31 @@ def test_publish_of_a_corrupt_directory_fails_even_when_its_version_is_stored(
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "checksum mismatch" in err and CODEBOOK_FILE in err
+
+
+def test_build_speaks_in_flags_and_refuses_an_existing_out_before_training(
+    catalogue: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _build_args(catalogue, tmp_path / "art")
+    assert main([*args, "--kp", "700", "--ks", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "lower --kp/--ks" in err and "num_primary" not in err
+    assert main([*args, "--dm", "0", "--quiet"]) == 2
+    assert "--dm must be a positive integer" in capsys.readouterr().err
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "keep.txt").write_text("mine")
+    assert main([*args, "--kp", "6", "--ks", "4", "--epochs", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; pass --overwrite" in err and "overwrite=True" not in err
+    assert "codebook init" not in err  # refused before any work
+    assert (tmp_path / "art" / "keep.txt").read_text() == "mine"
+
+
+def test_build_shows_progress_before_the_first_epoch(
+    catalogue: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _build_args(catalogue, tmp_path / "art")
+    assert main([*args, "--kp", "6", "--ks", "4", "--epochs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "codebook init: reading" in err and "primary k-means (K_p 6)" in err
+    assert err.index("codebook init") < err.index("MSAC")
