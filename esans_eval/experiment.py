@@ -122,10 +122,13 @@ spends its three on K_p / K_s, the default on its levers (see :data:`DEFAULT_LEV
 
 DEFAULT_LEVERS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("log-q + user's items masked", {}),
-    ("+ in-batch negatives", {"in_batch": True}),
     (
         "in-batch softmax + ESANS hard negatives",
         {"in_batch": True, "simple_negatives": False, "correct_drawn": False},
+    ),
+    (
+        "in-batch softmax + each row's own ESANS hard negatives",
+        {"in_batch": True, "simple_negatives": False, "correct_drawn": False, "shared": False},
     ),
 )
 """The product default's validation trials: levers over paper ESANS that the issue names."""
@@ -838,7 +841,7 @@ def run_experiment(
             final += [
                 replace(chosen[m.name], name=f"{m.name} per positive", shared=False)
                 for m in methods
-                if m.role in ("paper", "default") or m.name == "UNS"
+                if (m.role in ("paper", "default") or m.name == "UNS") and chosen[m.name].shared
             ]
         result.methods = [
             {"name": m.name, "role": m.role, "negatives": m.describe(budget.m_c, budget.m_o)}
@@ -847,10 +850,11 @@ def run_experiment(
         clock = time.perf_counter()
         # The main table first, seed by seed, then the ablations and the per-positive table:
         # an interrupted run has the comparisons that matter most.
+        in_table = [chosen[m.name] for m in methods]
         tiers = [
-            [m for m in final if m.role != "ablation" and m.shared],
-            [m for m in final if m.role == "ablation"],
-            [m for m in final if not m.shared],
+            [m for m in in_table if m.role != "ablation"],
+            [m for m in in_table if m.role == "ablation"],
+            final[len(in_table) :],  # the per-positive table
         ]
         jobs = [(seed, m) for tier in tiers for seed in range(budget.seeds) for m in tier]
         for seed, method in tqdm(jobs, desc="runs (method x seed)", position=0):
