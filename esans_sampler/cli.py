@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from esans_sampler import versions_cli
 from esans_sampler.errors import (
     EsansError,
     FailedPreconditionError,
@@ -563,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     _add_serve_parser(sub)
     _add_publish_parser(sub)
+    versions_cli.add_parser(sub)
     sub.add_parser(  # parsed by esans_eval.cli, which needs the `eval` extra
         "eval", add_help=False, help="Recall@50/200 of a two-tower model trained on negatives "
         "from the service: UNS, PNS, MNS, ESANS, ablations (esans eval --help)",
@@ -576,6 +578,7 @@ _COMMANDS = {
     "demo": _cmd_demo,
     "serve": _cmd_serve,
     "publish": _cmd_publish,
+    "versions": versions_cli.run,
 }
 
 

@@ -310,7 +310,7 @@ async def upload_artifact(
 @admin.post("/versions/{version}/activate")
 def activate_version(version: str, store: Store, registry: Registry) -> dict[str, Any]:
     """Make a stored version the active one (a rollback when it is older)."""
-    _store_call(lambda: store.activate(version))
+    version = _store_call(lambda: store.activate(version))
     registry.refresh()
     audit.info("admin activated codebook %s", version)
     return {"active_version": version, "serving_version": registry.active_version}
@@ -331,7 +331,7 @@ def refresh(registry: Registry) -> dict[str, Any]:
 @admin.delete("/versions/{version}")
 def delete_version(version: str, store: Store) -> dict[str, str]:
     """Delete a stored version (never the active one)."""
-    _store_call(lambda: store.delete(version))
+    version = _store_call(lambda: store.delete(version))
     audit.info("admin deleted codebook %s", version)
     return {"deleted": version}
 

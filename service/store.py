@@ -349,9 +349,9 @@ class CodebookStore:
             )
         return matches[0]
 
-    def activate(self, version: str) -> None:
+    def activate(self, version: str) -> str:
         """Make ``version`` (or a unique prefix of it) the active one (a rollback when it is
-        older).
+        older); return the full version.
 
         Its files are read back and verified first; the pointer flip itself is atomic and
         re-checks that the version is complete and every file key exists.
@@ -364,6 +364,7 @@ class CodebookStore:
         version = self.resolve(version)
         self.verify(version)
         self._activate_verified(version)
+        return version
 
     def _activate_verified(self, version: str) -> None:
         layout = self._layout(version)
@@ -486,8 +487,9 @@ class CodebookStore:
 
     # -- deletion and retention -------------------------------------------------------
 
-    def delete(self, version: str) -> None:
-        """Delete ``version`` (or a unique prefix of it) and its files.
+    def delete(self, version: str) -> str:
+        """Delete ``version`` (or a unique prefix of it) and its files; return the full
+        version.
 
         Raises:
             NotFoundError: no such version.
@@ -504,6 +506,7 @@ class CodebookStore:
                 f"codebook {version} is the active version; activate another one before deleting it"
             )
         logger.info("deleted codebook %s", version)
+        return version
 
     def _delete_keys(self, version: str, layout: _Layout) -> int:
         result = self._delete_script(

@@ -221,3 +221,50 @@ def test_build_shows_progress_before_the_first_epoch(
     err = capsys.readouterr().err
     assert "codebook init: reading" in err and "primary k-means (K_p 6)" in err
     assert err.index("codebook init") < err.index("MSAC")
+
+
+def test_versions_commands_drive_the_admin_api(
+    redis_server: EmbeddedRedis,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conftest import build_random_artifact
+
+    from esans_sampler.artifact import artifact_to_files
+    from service.app import ServiceRuntime
+    from service.settings import Settings
+    from service.store import CodebookStore
+
+    token = "t" * 24
+    with redis_server.client() as client:
+        store = CodebookStore(client, namespace="versions-cli")
+        old = store.publish(artifact_to_files(build_random_artifact(seed=5, num_items=60, dim=4)))
+        new = store.publish(artifact_to_files(build_random_artifact(seed=6, num_items=60, dim=4)))
+    settings = Settings(
+        redis_url=redis_server.url, redis_namespace="versions-cli", grpc_host="127.0.0.1",
+        grpc_port=0, http_host="127.0.0.1", http_port=0, admin_token=token,
+        shutdown_grace_s=0.5,
+    )  # fmt: skip
+    runtime = ServiceRuntime(settings).start()
+    try:
+        url = f"http://127.0.0.1:{runtime.http_port}"
+        monkeypatch.setenv("ESANS_ADMIN_TOKEN", token)
+        assert main(["versions", "--url", url, "list"]) == 0
+        listing = capsys.readouterr().out
+        assert f"* {new[:16]}" in listing and f"  {old[:16]}" in listing
+        assert main(["versions", "--url", url, "activate", old[:16]]) == 0
+        assert f"active version {old}" in capsys.readouterr().out
+        assert main(["versions", "--url", url, "delete", new[:12]]) == 0
+        assert f"deleted version {new}" in capsys.readouterr().out
+        # The active version cannot be deleted; a wrong token and no server say so.
+        assert main(["versions", "--url", url, "delete", old[:16]]) == 2
+        assert "409" in capsys.readouterr().err
+        assert main(["versions", "--url", url, "--token", "w" * 24, "list"]) == 2
+        assert "401" in capsys.readouterr().err
+    finally:
+        runtime.stop(grace=0)
+    assert main(["versions", "--url", url, "list"]) == 2
+    assert "cannot reach the admin API" in capsys.readouterr().err
+    monkeypatch.delenv("ESANS_ADMIN_TOKEN")
+    assert main(["versions", "--url", url, "list"]) == 2
+    assert "no admin token" in capsys.readouterr().err
