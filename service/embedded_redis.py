@@ -37,6 +37,9 @@ _PORT_ATTEMPTS = 5
 
 
 URL_FILE_NAME = "redis.url"
+LAST_PORT_FILE_NAME = "redis.last-port"
+"""Kept across restarts: a restarted server takes its old port back when it is free, so
+other replicas sharing this data directory reconnect to the URL they already have."""
 
 
 def running_embedded_url(data_dir: str | Path) -> str | None:
@@ -68,6 +71,16 @@ def redis_server_executable() -> str:
     if not os.access(path, os.X_OK):
         raise FailedPreconditionError(f"redis-server binary {path!r} is not executable")
     return path
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as redis-server binds
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _free_port() -> int:
@@ -178,9 +191,12 @@ class EmbeddedRedis:
         self._data_dir.mkdir(parents=True, exist_ok=True)
         executable = self._executable or redis_server_executable()
         attempts = _PORT_ATTEMPTS if self._requested_port == 0 and self._port == 0 else 1
+        previous = self._last_port() if attempts > 1 else None
+        if previous is not None and not _port_is_free(previous):
+            previous = None  # taken by something else meanwhile: a new port, as before
         last_error: UnavailableError | None = None
-        for _ in range(attempts):
-            port = self._port or _free_port()
+        for attempt in range(attempts):
+            port = self._port or (previous if attempt == 0 and previous else _free_port())
             try:
                 self._spawn(executable, port)
             except UnavailableError as exc:
@@ -189,6 +205,7 @@ class EmbeddedRedis:
                 continue
             self._port = port
             self._write_url_file()
+            (self._data_dir / LAST_PORT_FILE_NAME).write_text(str(port), encoding="utf-8")
             logger.info("redis-server pid %d listening on %s", self._proc_pid(), self.url)
             return self
         raise last_error or UnavailableError("redis-server could not be started")
@@ -263,6 +280,14 @@ class EmbeddedRedis:
         return f"EmbeddedRedis(port={self._port}, data_dir={str(self._data_dir)!r}, {state})"
 
     # -- internals --------------------------------------------------------------------
+
+    def _last_port(self) -> int | None:
+        """The port this data directory's server last listened on, if recorded and valid."""
+        try:
+            port = int((self._data_dir / LAST_PORT_FILE_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return port if 1024 <= port <= 65535 else None
 
     def _write_url_file(self) -> None:
         # Lets another process on this machine (e.g. `esans publish`) find the running server

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from esans_sampler.errors import FailedPreconditionError, UnavailableError
-from service.embedded_redis import EmbeddedRedis
+from service.embedded_redis import EmbeddedRedis, running_embedded_url
 
 
 def _pid_alive(pid: int) -> bool:
@@ -152,3 +153,40 @@ def test_forgotten_server_is_stopped_at_interpreter_exit(tmp_path: Path) -> None
     )
     pid = int(done.stdout.split()[0])
     assert not _pid_alive(pid)
+
+
+def test_a_replica_sharing_the_embedded_redis_recovers_when_its_owner_restarts(
+    tmp_path: Path,
+) -> None:
+    """Replica A starts the embedded Redis, replica B finds and uses it. A restarts: its
+    Redis takes the same port back, so B reconnects and follows a publish made after."""
+    from conftest import build_random_artifact
+
+    from esans_sampler.artifact import artifact_to_files
+    from service.app import ServiceRuntime
+    from service.settings import Settings
+    from service.store import CodebookStore
+
+    def settings() -> Settings:
+        return Settings(
+            data_dir=tmp_path / "redis", grpc_host="127.0.0.1", grpc_port=0,
+            http_host="127.0.0.1", http_port=0, poll_interval_s=0.2, shutdown_grace_s=0.2,
+        )  # fmt: skip
+
+    owner = ServiceRuntime(settings()).start()
+    replica = ServiceRuntime(settings()).start()
+    try:
+        first_url = running_embedded_url(tmp_path / "redis")
+        assert first_url is not None
+        owner.stop(grace=0)  # stops the embedded Redis with it
+        owner = ServiceRuntime(settings()).start()
+        assert running_embedded_url(tmp_path / "redis") == first_url  # same port back
+        artifact = build_random_artifact(seed=9, num_items=60, dim=4)
+        CodebookStore(owner.store.client).publish(artifact_to_files(artifact))
+        deadline = time.monotonic() + 20
+        while replica.registry.active_version != artifact.version:
+            assert time.monotonic() < deadline, replica.registry.stale_reason
+            time.sleep(0.1)
+    finally:
+        replica.stop(grace=0)
+        owner.stop(grace=0)
