@@ -13,7 +13,10 @@ import numpy.typing as npt
 from esans_sampler import errors
 from esans_sampler.client import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    INFO_METHOD,
+    SAMPLE_METHOD,
     SampleResponse,
+    channel_options,
     error_for,
     grpc_request,
     info_dict,
@@ -46,19 +49,15 @@ class AsyncSamplerClient:
         self._grpc = grpc
         self._pb2 = sampler_pb2
         self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
+            target, options=channel_options(max_message_bytes)
         )
         self._sample_raw = self._channel.unary_unary(
-            "/esans.v1.NegativeSampler/SampleNegatives",
+            SAMPLE_METHOD,
             request_serializer=sampler_pb2.SampleNegativesRequest.SerializeToString,
             response_deserializer=None,
         )
         self._info = self._channel.unary_unary(
-            "/esans.v1.NegativeSampler/GetCodebookInfo",
+            INFO_METHOD,
             request_serializer=sampler_pb2.GetCodebookInfoRequest.SerializeToString,
             response_deserializer=sampler_pb2.GetCodebookInfoResponse.FromString,
         )

@@ -269,17 +269,11 @@ class SamplerClient(_SamplerClientBase):
 
         self._grpc = grpc
         self._pb2 = sampler_pb2
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
         self._stub = sampler_pb2_grpc.NegativeSamplerStub(self._channel)  # type: ignore[no-untyped-call]
         # SampleNegatives replies are read by service.wire straight into numpy (no parse copy).
         self._sample_raw = self._channel.unary_unary(
-            "/esans.v1.NegativeSampler/SampleNegatives",
+            SAMPLE_METHOD,
             request_serializer=sampler_pb2.SampleNegativesRequest.SerializeToString,
             response_deserializer=None,
         )
@@ -318,6 +312,18 @@ def info_dict(reply: Any) -> dict[str, Any]:
         else getattr(reply, field.name)
         for field in reply.DESCRIPTOR.fields
     }
+
+
+SAMPLE_METHOD = "/esans.v1.NegativeSampler/SampleNegatives"
+INFO_METHOD = "/esans.v1.NegativeSampler/GetCodebookInfo"
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC channel options of both clients: message limits in both directions."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
 
 
 def grpc_request(pb2: Any, fields: dict[str, Any]) -> Any:
