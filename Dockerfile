@@ -17,6 +17,7 @@ COPY deploy/requirements-serve.txt /src/deploy/requirements-serve.txt
 RUN /opt/venv/bin/pip install --no-cache-dir -r deploy/requirements-serve.txt
 COPY pyproject.toml README.md /src/
 COPY esans_sampler /src/esans_sampler
+COPY esans_cli /src/esans_cli
 COPY service /src/service
 # pyproject lists torch as a hard dependency; serving never imports it, so the wheel goes
 # in with --no-deps on top of the explicit serving requirements above.

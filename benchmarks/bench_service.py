@@ -399,7 +399,7 @@ def _esans_command() -> list[str]:
     return [
         sys.executable,
         "-c",
-        "import sys; from esans_sampler.cli import main; sys.exit(main())",
+        "import sys; from esans_cli import main; sys.exit(main())",
     ]
 
 

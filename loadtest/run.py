@@ -88,7 +88,7 @@ def start_server(
         env["ESANS_MAX_CONCURRENCY"] = str(max_concurrency)
     with log_path.open("wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "esans_sampler.cli", "serve"],
+            [sys.executable, "-m", "esans_cli", "serve"],
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from esans_cli import main
 from esans_sampler.artifact import load_artifact
 from esans_sampler.catalogue import write_npy_catalogue
-from esans_sampler.cli import main
 from esans_sampler.synthetic import make_planted_catalogue
 from service.embedded_redis import EmbeddedRedis
 

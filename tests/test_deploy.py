@@ -641,7 +641,7 @@ def test_serving_never_imports_torch() -> None:
     """The serving image has no torch: serve and publish must work without it."""
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
-        "from esans_sampler.cli import build_parser\n"
+        "from esans_cli import build_parser\n"
         "import service.app, esans_sampler.artifact, service.store\n"
         "from service.settings import load_settings\n"
         "from service.app import ServiceRuntime\n"

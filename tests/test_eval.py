@@ -219,7 +219,7 @@ def test_quick_mode_runs_and_metrics_are_sane(tmp_path: Path) -> None:
 def test_esans_eval_reports_bad_input_clearly(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from esans_sampler.cli import main as esans_main
+    from esans_cli import main as esans_main
 
     assert esans_main(["eval", "--dataset", "custom"]) == 2
     assert "needs --interactions and --items" in capsys.readouterr().err

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from esans_cli import main
 from esans_sampler.catalogue import write_npy_catalogue
-from esans_sampler.cli import main
 from esans_sampler.cluster_index import ClusterIndex
 from esans_sampler.msac import MSACConfig, train_msac
 from esans_sampler.synthetic import (

@@ -41,3 +41,51 @@ def test_core_imports_no_transport_or_storage() -> None:
 )
 def test_sampling_path_does_not_import_torch(statement: str) -> None:
     assert "torch" not in _imported_modules(statement)
+
+
+# Which first-party packages each may import (arrows run one way: adapters -> core). The
+# CLI is the composition root. Known debt, listed so that nothing new joins it: the gRPC and
+# async clients still read the generated proto code and the wire codec from ``service``
+# until the contract has a package of its own.
+FIRST_PARTY = ("esans_sampler", "esans_cli", "service", "esans_eval")
+ALLOWED = {
+    "esans_sampler": {"esans_sampler"},
+    "service": {"esans_sampler", "service"},
+    "esans_eval": {"esans_sampler", "service", "esans_eval"},
+    "esans_cli": set(FIRST_PARTY),
+}
+KNOWN_WRONG_WAY = {
+    ("esans_sampler/client.py", "service"),
+    ("esans_sampler/async_client.py", "service"),
+}
+
+
+def _first_party_imports(path: Path) -> set[str]:
+    """Top-level first-party packages ``path`` imports anywhere: module level, inside
+    functions, under TYPE_CHECKING."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        found |= {n.split(".")[0] for n in names if n.split(".")[0] in FIRST_PARTY}
+    return found
+
+
+def test_imports_run_one_way_into_the_core() -> None:
+    wrong = []
+    for package, allowed in ALLOWED.items():
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "_proto" in path.parts:
+                continue
+            rel = path.relative_to(ROOT).as_posix()
+            for target in sorted(_first_party_imports(path) - allowed):
+                if (rel, target) not in KNOWN_WRONG_WAY:
+                    wrong.append(f"{rel} imports {target}")
+    assert not wrong, "wrong-way imports:\n" + "\n".join(wrong)
+    # The scan sees imports inside functions (the CLI's lazy ones, for instance).
+    assert "service" in _first_party_imports(ROOT / "esans_cli" / "serve.py")

@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-ESANS = [sys.executable, "-m", "esans_sampler.cli"]
+ESANS = [sys.executable, "-m", "esans_cli"]
 
 
 def _blocks(language: str) -> list[str]:

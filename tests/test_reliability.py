@@ -525,7 +525,7 @@ def _serve_process(redis_url: str, log: Path, grace_s: float) -> subprocess.Pope
     }
     with log.open("wb") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "esans_sampler.cli", "serve"],
+            [sys.executable, "-m", "esans_cli", "serve"],
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
