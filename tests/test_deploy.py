@@ -609,14 +609,28 @@ def test_dockerfile_stages() -> None:
     assert users and users[-1].split(":")[0] == "10001"
     assert re.search(r'ENTRYPOINT \["esans"\]', serve) and re.search(r'CMD \["serve"\]', serve)
     assert "EXPOSE 50051 8000" in serve and "/healthz" in serve and "ESANS_DATA_DIR=/data" in serve
-    torch_pin = next(d for d in _project_dependencies() if d.name == "torch")
-    assert f"torch{torch_pin.specifier}" in " ".join(stages["build"])
+    # torch is pinned where it is installed (Makefile, build image), the same release in
+    # both, and the package's [build] extra admits it.
+    (pin,) = set(re.findall(r"torch==([0-9.]+)", (ROOT / "Makefile").read_text()))
+    assert f"torch=={pin}" in " ".join(stages["build"])
+    build_extra = _project_dependencies("build")
+    assert next(d for d in build_extra if d.name == "torch").specifier.contains(pin)
     assert "torch" not in " ".join(stages["builder"]).replace("without torch", "")
 
 
-def _project_dependencies() -> list[Requirement]:
+def _project_dependencies(*extras: str) -> list[Requirement]:
+    """The base dependencies and those of ``extras`` (no self-references)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [Requirement(dep) for dep in project["dependencies"]]
+    names = [*project["dependencies"]]
+    for extra in extras:
+        names += project["optional-dependencies"][extra]
+    return [Requirement(dep) for dep in names if not dep.startswith("esans-sampler")]
+
+
+def test_a_plain_install_is_the_client_without_torch_or_server_stack() -> None:
+    base = {d.name.lower() for d in _project_dependencies()}
+    assert base == {"numpy", "grpcio", "protobuf", "httpx"}
+    assert not any(d.specifier and "==" in str(d.specifier) for d in _project_dependencies("build"))
 
 
 def test_serving_requirements_cover_the_project_without_torch() -> None:
@@ -628,10 +642,8 @@ def test_serving_requirements_cover_the_project_without_torch() -> None:
             assert spec.operator == "==", f"{line}: pin exactly"
             pins[requirement.name.lower().replace("_", "-")] = spec.version
     assert "torch" not in pins
-    for dependency in _project_dependencies():
+    for dependency in _project_dependencies("serve"):
         name = dependency.name.lower().replace("_", "-")
-        if name == "torch":
-            continue
         assert name in pins, f"{name} is missing from requirements-serve.txt"
         assert dependency.specifier.contains(pins[name]), f"{name}=={pins[name]}: {dependency}"
         assert installed_version(name) == pins[name], f"{name}: the tests run another version"
