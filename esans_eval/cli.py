@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from esans_eval.budget import Budget
 from esans_eval.completejourney import load_completejourney
 from esans_eval.datasets import DatasetError, ItemSchema, load_dataset, load_movielens
-from esans_eval.experiment import Budget, run_experiment
+from esans_eval.experiment import run_experiment
 from esans_eval.report import load_result, progress_summary, recorded_command, write_report
 
 DEFAULT_DIR = "var/eval"

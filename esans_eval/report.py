@@ -10,14 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from esans_eval.experiment import (
-    COLD_MAX_COUNT,
-    KS,
-    ExperimentResult,
-    RunResult,
-    jsonable,
-    run_from_dict,
-)
+from esans_eval.results import ExperimentResult, RunResult, jsonable, run_from_dict
+from esans_eval.training import COLD_MAX_COUNT, KS
 
 BASELINE = "UNS"
 

@@ -1,0 +1,119 @@
+"""What a run and an experiment produce, and the progress file that lets them resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esans_eval.budget import Budget
+
+
+@dataclass
+class EpochStats:
+    valid: dict[int, float]
+    user_item_share: float  # visible real negatives that are the row's user's training items
+    coverage: float  # distinct items used as negatives / catalogue
+    popularity_percentile: float  # mean popularity percentile of the negatives (uniform 0.5)
+    steps: int
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    epochs: list[EpochStats]
+    best_epoch: int  # 1-based
+    valid: dict[int, float]
+    test: dict[int, float]
+    test_cold: dict[int, float]
+    hard_fill: float
+    seconds: float
+    steps: int
+    protocol: str = "shared"
+
+    @property
+    def best(self) -> EpochStats:
+        return self.epochs[self.best_epoch - 1]
+
+
+def _by_k(values: dict[Any, Any]) -> dict[int, float]:
+    return {int(k): (math.nan if v is None else float(v)) for k, v in values.items()}
+
+
+def run_from_dict(raw: dict[str, Any]) -> RunResult:
+    """A :class:`RunResult` back from ``dataclasses.asdict`` after a JSON round trip."""
+    epochs = [EpochStats(**{**e, "valid": _by_k(e["valid"])}) for e in raw["epochs"]]
+    return RunResult(
+        **{
+            **raw,
+            "epochs": epochs,
+            "valid": _by_k(raw["valid"]),
+            "test": _by_k(raw["test"]),
+            "test_cold": _by_k(raw["test_cold"]),
+            "hard_fill": math.nan if raw["hard_fill"] is None else raw["hard_fill"],
+        }
+    )
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with NaN / inf as None and tuples as lists: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    return value
+
+
+class Progress:
+    """Finished trials and runs, one JSON line each, so that an interrupted evaluation
+    resumes where it stopped (same budget: the first line records it). ``path`` None:
+    nothing is kept."""
+
+    def __init__(self, path: str | Path | None, budget: Budget) -> None:
+        self.path = None if path is None else Path(path)
+        self.done: dict[str, dict[str, Any]] = {}
+        stamp = jsonable(asdict(budget))
+        if self.path is None:
+            return
+        if self.path.is_file():
+            lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            if lines and lines[0].get("budget") == stamp:
+                self.done = {line["key"]: line["value"] for line in lines[1:]}
+                return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"budget": stamp}) + "\n")
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.done.get(key)
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self.done[key] = value
+        if self.path is not None:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"key": key, "value": jsonable(value)}) + "\n")
+
+
+@dataclass
+class ExperimentResult:
+    dataset: dict[str, Any]
+    budget: dict[str, Any]
+    split: dict[str, Any]
+    tuning: list[dict[str, Any]] = field(default_factory=list)
+    chosen: dict[str, str] = field(default_factory=dict)
+    kp_ks: tuple[int, int] = (0, 0)
+    codebooks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runs: list[RunResult] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    methods: list[dict[str, Any]] = field(default_factory=list)
+    reference: dict[str, dict[Any, float]] = field(default_factory=dict)
+    """Rankers without training, e.g. by training popularity: a floor for every model."""
