@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,15 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import (
-    FIRST_ID,
-    _free_port,
-    _stop_process,
-    start_server,
-    wait_for_codebook,
-)
 
 WAIT_SHARE_TARGET = 0.05
 
@@ -85,9 +75,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from esans_sampler.client import SamplerClient
     from esans_sampler.synthetic import random_artifact
     from service.embedded_redis import EmbeddedRedis
+    from service.harness import free_port, serve_process, stop_process, wait_until_serving
     from service.store import CodebookStore
 
-    artifact = random_artifact(args.items, 300, 15, 8, 0, FIRST_ID)
+    artifact = random_artifact(args.items, 300, 15, 8, 0, 10**9)
     rng = np.random.default_rng(1)
     batches: list[npt.NDArray[np.int64]] = [
         rng.choice(artifact.index.item_ids, args.batch) for _ in range(args.steps)
@@ -107,10 +98,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             version = CodebookStore(redis_server.client(decode_responses=False)).publish(
                 artifact_to_files(artifact), activate=True
             )
-            port = _free_port()
+            port, http_port = free_port(), free_port()
             log = work / "serve.log"
-            server = start_server(redis_server.url, work, port, log)
-            wait_for_codebook(server, f"127.0.0.1:{port}", version, log)
+            server = serve_process(redis_server.url, work, log, port, http_port)
+            wait_until_serving(server, f"http://127.0.0.1:{http_port}", version, log)
             with SamplerClient(f"127.0.0.1:{port}", timeout_s=30.0) as client:
                 for ids in batches[:20]:  # warm the channel and the server
                     client.sample(ids)
@@ -124,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 pre_wall, pre_wait = timed_loop(stream, args.steps, step)
                 stream.close()
         finally:
-            _stop_process(server)
+            stop_process(server)
             redis_server.stop()
 
     plain_share, pre_share = plain_wait / plain_wall, pre_wait / pre_wall

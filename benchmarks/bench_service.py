@@ -24,8 +24,6 @@ import argparse
 import multiprocessing
 import os
 import platform
-import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -47,7 +45,6 @@ PAYLOAD_GB_PER_S_TARGET = 1.2
 REDIS_COMMANDS_TARGET = 0.0
 FIRST_ID = 10**9
 _WARMUP_CALLS = 20
-_SERVER_START_TIMEOUT_S = 180.0
 _BARRIER_TIMEOUT_S = 120.0
 _RAW_HEADER = struct.Struct("<QQ")  # request bytes that follow, reply bytes wanted
 
@@ -362,98 +359,12 @@ def _start_sink(*flags: str) -> tuple[subprocess.Popen[str], int]:
 
 
 def _stop_sink(sink: subprocess.Popen[str] | None) -> None:
+    from service.harness import stop_process
+
     if sink is not None:
         if sink.stdin is not None:
             sink.stdin.close()
-        _stop_process(sink, grace_s=5.0)
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _stop_process(proc: subprocess.Popen[Any] | None, grace_s: float = 15.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _esans_command() -> list[str]:
-    script = Path(sys.executable).with_name("esans")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("esans")
-    if found:
-        return [found]
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from esans_cli import main; sys.exit(main())",
-    ]
-
-
-def start_server(
-    redis_url: str, work_dir: Path, grpc_port: int, log_path: Path
-) -> subprocess.Popen[bytes]:
-    """``esans serve`` on 127.0.0.1 against ``redis_url``; output goes to ``log_path``."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ESANS_")}
-    env.update(
-        {
-            "ESANS_REDIS_URL": redis_url,
-            "ESANS_DATA_DIR": str(work_dir / "server-data"),
-            "ESANS_GRPC_HOST": "127.0.0.1",
-            "ESANS_GRPC_PORT": str(grpc_port),
-            "ESANS_HTTP_HOST": "127.0.0.1",
-            "ESANS_HTTP_PORT": "0",
-            "ESANS_LOG_LEVEL": "WARNING",
-            "ESANS_SHUTDOWN_GRACE_S": "2",
-            # The fallback poll (every 5 s by default, on top of pub/sub) would add a few
-            # GETs per minute to the Redis count; the hot path is what is measured here.
-            "ESANS_POLL_INTERVAL_S": "3600",
-        }
-    )
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            [*_esans_command(), "serve"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def wait_for_codebook(
-    proc: subprocess.Popen[bytes], target: str, version: str, log_path: Path
-) -> float:
-    """Seconds until the server answers GetCodebookInfo with ``version`` active."""
-    from esans_sampler.client import SamplerClient
-    from esans_sampler.errors import EsansError
-
-    start = time.monotonic()
-    with SamplerClient(target, timeout_s=2.0, retries=0) as client:
-        while True:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"esans serve exited with {proc.returncode}:\n{tail}")
-            try:
-                if client.codebook_info().get("version") == version:
-                    return time.monotonic() - start
-            except EsansError:
-                pass
-            if time.monotonic() - start > _SERVER_START_TIMEOUT_S:
-                raise RuntimeError(f"esans serve did not load {version[:16]} in time")
-            time.sleep(0.2)
+        stop_process(sink, grace_s=5.0)
 
 
 def _command_calls(client: Any) -> dict[str, int]:
@@ -529,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from esans_sampler.synthetic import random_artifact
     from service._proto.esans.v1 import sampler_pb2
     from service.embedded_redis import EmbeddedRedis
+    from service.harness import free_port, serve_process, stop_process, wait_until_serving
     from service.registry import load_codebook
     from service.store import CodebookStore
 
@@ -575,10 +487,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             del files
             publish_s = time.monotonic() - t0
 
-            grpc_port = _free_port()
+            grpc_port, http_port = free_port(), free_port()
             target = f"127.0.0.1:{grpc_port}"
-            server = start_server(redis_server.url, work, grpc_port, log_path)
-            load_s = wait_for_codebook(server, target, version, log_path)
+            # No fallback poll (every 5 s by default, on top of pub/sub): it would add a few
+            # GETs per minute to the Redis count; the hot path is what is measured here.
+            server = serve_process(
+                redis_server.url, work, log_path, grpc_port, http_port,
+                poll_interval_s=3600, shutdown_grace_s=2,
+            )  # fmt: skip
+            load_s = wait_until_serving(server, f"http://127.0.0.1:{http_port}", version, log_path)
 
             def grpc_phase(embeddings: bool, duration: float) -> Load:
                 wargs = (target, batches, sizes, embeddings, duration, args.max_requests)
@@ -604,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             warm_requests = ids_only.requests + with_emb.requests + ids_only.errors
             warm_requests += with_emb.errors + 2 * args.concurrency * _WARMUP_CALLS
             redis_per_request = per_request_commands / max(warm_requests, 1)
-            _stop_process(server)
+            stop_process(server)
             server = None
 
             # Raw socket: the same reply bytes per message, the same request size.
@@ -642,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 (),
             )
         finally:
-            _stop_process(server)
+            stop_process(server)
             _stop_sink(sink)
             _stop_sink(grpc_sink)
             redis_server.stop()

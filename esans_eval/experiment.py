@@ -38,9 +38,9 @@ from esans_eval.negatives import (
 )
 from esans_eval.prepared import Prepared, prepare
 from esans_eval.results import ExperimentResult, Progress, RunResult, run_from_dict
-from esans_eval.service import LocalSamplerService
 from esans_eval.training import COLD_MAX_COUNT, Sampling, evaluate, train_run
 from esans_sampler.client import SamplerClient
+from service.harness import LocalService
 
 IntArray = npt.NDArray[np.int64]
 
@@ -120,7 +120,11 @@ def run_experiment(
         f"{len(data.ex_targets)} training examples ({result.seconds['prepare']:.0f} s to prepare)"
     )
     chosen = {m.name: m for m in methods}
-    with LocalSamplerService(max_batch=max(budget.batch_size, 1)) as service:
+    # Every codebook the run publishes stays stored and loadable (pins by version).
+    with LocalService(
+        keep_versions=64, max_loaded_versions=16, max_batch=max(budget.batch_size, 1),
+        shutdown_grace_s=0.5,
+    ) as service:  # fmt: skip
         clock = time.perf_counter()
         versions: dict[str, str] = {}
         fine: dict[str, IntArray] = {}

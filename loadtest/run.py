@@ -19,16 +19,12 @@ import csv
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -41,79 +37,10 @@ _STOP_TIMEOUT_S = 20.0
 _LOCUST_SLACK_S = 60.0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def clean_env() -> dict[str, str]:
     """This process' environment without ``ESANS_*`` variables (the server refuses unknown
     ones, and a stray ESANS_REDIS_URL must not redirect the test)."""
     return {k: v for k, v in os.environ.items() if not k.upper().startswith("ESANS_")}
-
-
-def stop_process(proc: subprocess.Popen[Any] | None, grace_s: float = _STOP_TIMEOUT_S) -> None:
-    """SIGTERM, wait up to ``grace_s``, then SIGKILL; always reaped."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def start_server(
-    redis_url: str,
-    work: Path,
-    grpc_port: int,
-    http_port: int,
-    log_path: Path,
-    max_concurrency: int | None = None,
-) -> subprocess.Popen[bytes]:
-    """``esans serve`` against ``redis_url`` on 127.0.0.1; output to ``log_path``."""
-    env = clean_env() | {
-        "ESANS_REDIS_URL": redis_url,
-        "ESANS_DATA_DIR": str(work / "server-data"),
-        "ESANS_GRPC_HOST": "127.0.0.1",
-        "ESANS_GRPC_PORT": str(grpc_port),
-        "ESANS_HTTP_HOST": "127.0.0.1",
-        "ESANS_HTTP_PORT": str(http_port),
-        "ESANS_LOG_LEVEL": "WARNING",
-        "ESANS_SHUTDOWN_GRACE_S": "5",
-    }
-    if max_concurrency is not None:
-        env["ESANS_MAX_CONCURRENCY"] = str(max_concurrency)
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "esans_cli", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def wait_ready(proc: subprocess.Popen[bytes], http_url: str, version: str, log: Path) -> float:
-    """Seconds until ``/readyz`` reports ``version`` served; raises if the server dies."""
-    import httpx
-
-    start = time.monotonic()
-    with httpx.Client(base_url=http_url, timeout=2.0) as client:
-        while time.monotonic() - start < _START_TIMEOUT_S:
-            if proc.poll() is not None:
-                raise RuntimeError(f"esans serve exited with {proc.returncode}:\n{_tail(log)}")
-            try:
-                reply = client.get("/readyz")
-                if reply.status_code == 200 and reply.json()["codebook_version"] == version:
-                    return time.monotonic() - start
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-    raise RuntimeError(f"esans serve did not serve {version[:16]} in time:\n{_tail(log)}")
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
@@ -222,6 +149,8 @@ def run_locust(
         "--stop-timeout", "5", "--csv", str(prefix), "--only-summary",
         "--loglevel", "WARNING",
     ]  # fmt: skip
+    from service.harness import stop_process
+
     log = work / "locust.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -263,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from esans_sampler.artifact import artifact_to_files
     from esans_sampler.synthetic import random_artifact
     from service.embedded_redis import EmbeddedRedis
+    from service.harness import free_port, serve_process, stop_process, wait_until_serving
     from service.store import CodebookStore
 
     artifact = random_artifact(
@@ -282,10 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             grpc_port, http_port = free_port(), free_port()
             http_url = f"http://127.0.0.1:{http_port}"
             log_path = work / "serve.log"
-            server = start_server(
-                redis_server.url, work, grpc_port, http_port, log_path, args.max_concurrency
-            )
-            load_s = wait_ready(server, http_url, version, log_path)
+            limits = {"max_concurrency": args.max_concurrency} if args.max_concurrency else {}
+            server = serve_process(redis_server.url, work, log_path, grpc_port, http_port, **limits)
+            load_s = wait_until_serving(server, http_url, version, log_path, _START_TIMEOUT_S)
             print(
                 f"codebook {version[:16]}: N={args.items:,} K_p={args.primary} "
                 f"K_s={args.secondary} d={args.dim}; server ready in {load_s:.1f} s on "
@@ -308,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"load test failed: {exc}", file=sys.stderr)
             return 2
         finally:
-            stop_process(server)
+            stop_process(server, _STOP_TIMEOUT_S)
             redis_server.stop()
         if server is not None and server.returncode != 0:
             print(f"esans serve exited with {server.returncode}:\n{_tail(log_path)}")

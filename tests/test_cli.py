@@ -232,7 +232,7 @@ def test_versions_commands_drive_the_admin_api(
 
     from esans_sampler.artifact import artifact_to_files
     from service.app import ServiceRuntime
-    from service.settings import Settings
+    from service.harness import local_settings
     from service.store import CodebookStore
 
     token = "t" * 24
@@ -240,11 +240,7 @@ def test_versions_commands_drive_the_admin_api(
         store = CodebookStore(client, namespace="versions-cli")
         old = store.publish(artifact_to_files(build_random_artifact(seed=5, num_items=60, dim=4)))
         new = store.publish(artifact_to_files(build_random_artifact(seed=6, num_items=60, dim=4)))
-    settings = Settings(
-        redis_url=redis_server.url, redis_namespace="versions-cli", grpc_host="127.0.0.1",
-        grpc_port=0, http_host="127.0.0.1", http_port=0, admin_token=token,
-        shutdown_grace_s=0.5,
-    )  # fmt: skip
+    settings = local_settings(redis_server.url, "versions-cli", admin_token=token)
     runtime = ServiceRuntime(settings).start()
     try:
         url = f"http://127.0.0.1:{runtime.http_port}"

@@ -16,6 +16,7 @@ from esans_sampler.errors import InvalidInputError, NotFoundError, UnavailableEr
 from esans_sampler.trainer import esans_loss, esans_negatives
 from service.app import ServiceRuntime
 from service.embedded_redis import EmbeddedRedis
+from service.harness import local_settings
 from service.settings import Settings
 from service.store import CodebookStore
 
@@ -24,15 +25,7 @@ IDS = ARTIFACT.index.item_ids
 
 
 def _settings(redis_url: str, namespace: str) -> Settings:
-    return Settings(
-        redis_url=redis_url,
-        redis_namespace=namespace,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
-        shutdown_grace_s=0.5,
-    )
+    return local_settings(redis_url, namespace, shutdown_grace_s=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from conftest import build_random_artifact
 from esans_sampler.artifact import artifact_to_files
 from service.app import ServiceRuntime
 from service.embedded_redis import EmbeddedRedis
-from service.settings import Settings
+from service.harness import local_settings
 from service.store import CodebookStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,11 +26,7 @@ ARTIFACT = build_random_artifact(seed=8, num_items=200, dim=4)
 def server(redis_server: EmbeddedRedis) -> Iterator[ServiceRuntime]:
     with redis_server.client() as client:
         CodebookStore(client, namespace="install").publish(artifact_to_files(ARTIFACT))
-    settings = Settings(
-        redis_url=redis_server.url, redis_namespace="install", grpc_host="127.0.0.1",
-        grpc_port=0, http_host="127.0.0.1", http_port=0, shutdown_grace_s=0.5,
-    )  # fmt: skip
-    runtime = ServiceRuntime(settings).start()
+    runtime = ServiceRuntime(local_settings(redis_server.url, "install")).start()
     try:
         yield runtime
     finally:

@@ -164,14 +164,12 @@ def test_a_replica_sharing_the_embedded_redis_recovers_when_its_owner_restarts(
 
     from esans_sampler.artifact import artifact_to_files
     from service.app import ServiceRuntime
+    from service.harness import local_settings
     from service.settings import Settings
     from service.store import CodebookStore
 
     def settings() -> Settings:
-        return Settings(
-            data_dir=tmp_path / "redis", grpc_host="127.0.0.1", grpc_port=0,
-            http_host="127.0.0.1", http_port=0, poll_interval_s=0.2, shutdown_grace_s=0.2,
-        )  # fmt: skip
+        return local_settings(data_dir=tmp_path / "redis", poll_interval_s=0.2)
 
     owner = ServiceRuntime(settings()).start()
     replica = ServiceRuntime(settings()).start()

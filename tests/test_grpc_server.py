@@ -21,6 +21,7 @@ from service.core import SamplingService
 from service.embedded_redis import EmbeddedRedis
 from service.errors import DeadlineExceededError
 from service.grpc_server import SERVICE_NAME, NegativeSamplerServicer, create_grpc_server
+from service.harness import local_settings
 from service.registry import CodebookRegistry
 from service.settings import Settings
 from service.store import CodebookStore
@@ -30,17 +31,7 @@ Stub = sampler_pb2_grpc.NegativeSamplerStub
 
 
 def _settings(redis_url: str, namespace: str, **overrides: Any) -> Settings:
-    return Settings(
-        redis_url=redis_url,
-        redis_namespace=namespace,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
-        max_concurrency=1,
-        shutdown_grace_s=1.0,
-        **overrides,
-    )
+    return local_settings(redis_url, namespace, **({"max_concurrency": 1} | overrides))
 
 
 @pytest.fixture(scope="module")

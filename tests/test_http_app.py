@@ -21,6 +21,7 @@ from esans_sampler.artifact import artifact_to_files, save_artifact
 from service._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
 from service.app import ServiceRuntime
 from service.embedded_redis import EmbeddedRedis
+from service.harness import local_settings
 from service.settings import Settings
 from service.store import CodebookStore
 from service.tensors import from_json, from_tensor
@@ -48,17 +49,7 @@ EMBEDDING_TENSORS = [
 
 
 def _settings(redis_url: str, namespace: str, **overrides: Any) -> Settings:
-    return Settings(
-        redis_url=redis_url,
-        redis_namespace=namespace,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
-        max_concurrency=1,
-        shutdown_grace_s=1.0,
-        **overrides,
-    )
+    return local_settings(redis_url, namespace, **({"max_concurrency": 1} | overrides))
 
 
 @pytest.fixture(scope="module")

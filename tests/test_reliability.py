@@ -45,6 +45,7 @@ from esans_sampler.errors import InvalidInputError, ResourceExhaustedError
 from service._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
 from service.app import ServiceRuntime
 from service.embedded_redis import EmbeddedRedis
+from service.harness import local_settings
 from service.settings import Settings
 from service.store import CodebookStore
 
@@ -89,19 +90,8 @@ SCALES = [pytest.param(SHORT, id="short"), pytest.param(LONG, id="long", marks=p
 
 
 def _settings(redis_url: str, namespace: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "redis_url": redis_url,
-        "redis_namespace": namespace,
-        "grpc_host": "127.0.0.1",
-        "grpc_port": 0,
-        "http_host": "127.0.0.1",
-        "http_port": 0,
-        "max_concurrency": 64,
-        "poll_interval_s": 0.2,
-        "shutdown_grace_s": 1.0,
-        "log_level": "WARNING",
-    }
-    return Settings(**(values | overrides))
+    values: dict[str, Any] = {"max_concurrency": 64, "poll_interval_s": 0.2, "log_level": "WARNING"}
+    return local_settings(redis_url, namespace, **(values | overrides))
 
 
 @contextmanager
