@@ -17,12 +17,12 @@ from esans_sampler.client import (
     SAMPLE_METHOD,
     SampleResponse,
     channel_options,
-    error_for,
     grpc_request,
     info_dict,
     response_from_bytes,
     sample_fields,
 )
+from esans_sampler.errors import error_for
 
 
 class AsyncSamplerClient:

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from esans_sampler import errors
+from esans_sampler.errors import DeadlineExceededError, error_for
 from esans_sampler.sampler import as_positive_ids, validate_sample_sizes
 
 T = TypeVar("T")
@@ -25,32 +26,6 @@ T = TypeVar("T")
 SAMPLER_KINDS = ("esans", "uniform", "popularity", "mixed")
 # Large enough for B=4096 with embeddings at d=512; the server sets the same limit.
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
-
-_ERRORS_BY_CODE: dict[str, type[errors.EsansError]] = {
-    "INVALID_ARGUMENT": errors.InvalidInputError,
-    "NOT_FOUND": errors.NotFoundError,
-    "FAILED_PRECONDITION": errors.FailedPreconditionError,
-    "UNAVAILABLE": errors.UnavailableError,
-    "RESOURCE_EXHAUSTED": errors.ResourceExhaustedError,
-}
-
-
-class DeadlineExceededError(errors.EsansError):
-    """The call did not finish within its deadline."""
-
-    grpc_code = "DEADLINE_EXCEEDED"
-    http_status = 504
-
-
-def error_for(code: str, message: str) -> errors.EsansError:
-    """The library exception for a status ``code`` name (``"INVALID_ARGUMENT"``, ...)."""
-    if code == "DEADLINE_EXCEEDED":
-        return DeadlineExceededError(message)
-    if code == "CANCELLED":
-        # A replica that starts draining cancels calls that reach it in that instant. Both RPCs
-        # are read-only, so the call is retried like UNAVAILABLE.
-        return errors.UnavailableError(f"the server cancelled the call (draining?): {message}")
-    return _ERRORS_BY_CODE.get(code, errors.EsansError)(message)
 
 
 @dataclass(frozen=True)

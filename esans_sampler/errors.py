@@ -73,3 +73,56 @@ class ResourceExhaustedError(EsansError):
 
     grpc_code = "RESOURCE_EXHAUSTED"
     http_status = 429
+
+
+class DeadlineExceededError(EsansError):
+    """The caller's deadline passed: the server skipped the work, or the call timed out."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+    http_status = 504
+
+
+class UnauthenticatedError(EsansError):
+    """No or a wrong bearer token."""
+
+    grpc_code = "UNAUTHENTICATED"
+    http_status = 401
+
+
+class PermissionDeniedError(EsansError):
+    """The caller may not do this here (for example: the admin API is disabled)."""
+
+    grpc_code = "PERMISSION_DENIED"
+    http_status = 403
+
+
+class PayloadTooLargeError(EsansError):
+    """An upload over the server's size limit."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 413
+
+
+ERRORS_BY_CODE: dict[str, type[EsansError]] = {
+    cls.grpc_code: cls
+    for cls in (
+        InvalidInputError,
+        NotFoundError,
+        FailedPreconditionError,
+        UnavailableError,
+        ResourceExhaustedError,
+        DeadlineExceededError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+    )
+}
+"""The other direction of the table: a status code name back to its class (clients)."""
+
+
+def error_for(code: str, message: str) -> EsansError:
+    """The exception for a status ``code`` name (``"INVALID_ARGUMENT"``, ...) a server sent."""
+    if code == "CANCELLED":
+        # A replica that starts draining cancels calls that reach it in that instant. Both RPCs
+        # are read-only, so the call is retried like UNAVAILABLE.
+        return UnavailableError(f"the server cancelled the call (draining?): {message}")
+    return ERRORS_BY_CODE.get(code, EsansError)(message)

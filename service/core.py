@@ -22,13 +22,13 @@ import numpy.typing as npt
 from esans_sampler.cluster_choice import MAX_GAMMA, validate_gamma
 from esans_sampler.edis import MAX_ETA, MIN_LAMBDA, edis_from_rows, gather_rows
 from esans_sampler.errors import (
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidInputError,
     ResourceExhaustedError,
 )
 from esans_sampler.sampler import NegativeSample, NegativeSampler
 from esans_sampler.stats import hard_coverage
-from service.errors import DeadlineExceededError
 from service.metrics import ServiceMetrics
 from service.registry import CodebookRegistry, LoadedCodebook
 from service.settings import Settings, response_bytes

@@ -24,13 +24,6 @@ class PortUnavailableError(FailedPreconditionError):
     """A port the service must listen on is taken or not allowed; names the setting."""
 
 
-class DeadlineExceededError(EsansError):
-    """The caller's deadline passed before the work could be done; nothing was computed."""
-
-    grpc_code = "DEADLINE_EXCEEDED"
-    http_status = 504
-
-
 @dataclass(frozen=True)
 class ErrorReport:
     """What a transport tells the caller about a failed call."""
@@ -63,24 +56,3 @@ def describe(exc: BaseException) -> ErrorReport:
 def status_name(exc: BaseException) -> str:
     """The gRPC code name of ``exc`` without logging (for metrics labels)."""
     return exc.grpc_code if isinstance(exc, EsansError) else "INTERNAL"
-
-
-class UnauthenticatedError(EsansError):
-    """No or a wrong admin bearer token."""
-
-    grpc_code = "UNAUTHENTICATED"
-    http_status = 401
-
-
-class PermissionDeniedError(EsansError):
-    """The caller may not do this here (for example: the admin API is disabled)."""
-
-    grpc_code = "PERMISSION_DENIED"
-    http_status = 403
-
-
-class PayloadTooLargeError(EsansError):
-    """An upload over the server's size limit."""
-
-    grpc_code = "RESOURCE_EXHAUSTED"
-    http_status = 413

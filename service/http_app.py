@@ -28,16 +28,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from esans_sampler.artifact import artifact_from_files
-from esans_sampler.errors import EsansError, InvalidInputError, UnavailableError
-from service.core import CodebookInfo, SampleRequest, SampleResult, SamplingService
-from service.errors import (
-    ErrorReport,
+from esans_sampler.errors import (
+    EsansError,
+    InvalidInputError,
     PayloadTooLargeError,
     PermissionDeniedError,
     UnauthenticatedError,
-    describe,
-    status_code,
+    UnavailableError,
 )
+from service.core import CodebookInfo, SampleRequest, SampleResult, SamplingService
+from service.errors import ErrorReport, describe, status_code
 from service.registry import CodebookRegistry
 from service.settings import Settings
 from service.store import CodebookStore

@@ -16,8 +16,7 @@ import zipfile
 from pathlib import PurePosixPath
 
 from esans_sampler.artifact import DATA_FILES, MANIFEST
-from esans_sampler.errors import InvalidInputError
-from service.errors import PayloadTooLargeError
+from esans_sampler.errors import InvalidInputError, PayloadTooLargeError
 
 logger = logging.getLogger(__name__)
 

@@ -138,7 +138,7 @@ def test_esans_loss_trains_both_towers_from_a_live_response(
 
 
 def test_cancelled_is_retryable_like_unavailable() -> None:
-    from esans_sampler.client import DeadlineExceededError, error_for
+    from esans_sampler.errors import DeadlineExceededError, error_for
 
     assert isinstance(error_for("CANCELLED", "x"), UnavailableError)
     assert isinstance(error_for("UNAVAILABLE", "x"), UnavailableError)

@@ -3,6 +3,7 @@ virtualenv without torch or the server stack, imports, and calls a real server."
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -34,11 +35,19 @@ def server(redis_server: EmbeddedRedis) -> Iterator[ServiceRuntime]:
 
 
 def test_client_installs_alone_and_calls_a_server(server: ServiceRuntime, tmp_path: Path) -> None:
+    # A copy of the sources: pip builds in the tree it is given and leaves build/ behind.
+    source = tmp_path / "src"
+    shutil.copytree(
+        ROOT, source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "var", "build", "*.egg-info", "__pycache__", ".*_cache", "docs"
+        ),
+    )  # fmt: skip
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(ROOT)],
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(source)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -15,6 +15,7 @@ from conftest import build_random_artifact
 from esans_sampler.artifact import artifact_to_files
 from esans_sampler.edis import apply_weights
 from esans_sampler.errors import (
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidInputError,
     NotFoundError,
@@ -24,7 +25,6 @@ from esans_sampler.errors import (
 from esans_sampler.stats import hard_coverage
 from service.core import SampleRequest, SampleResult, SamplingService
 from service.embedded_redis import EmbeddedRedis
-from service.errors import DeadlineExceededError
 from service.registry import CodebookRegistry
 from service.settings import Settings
 from service.store import CodebookStore

@@ -8,24 +8,22 @@ import grpc
 import pytest
 
 from esans_sampler.errors import (
+    ERRORS_BY_CODE,
     ArtifactError,
+    DeadlineExceededError,
     EsansError,
     FailedPreconditionError,
     InvalidInputError,
     NotFoundError,
-    ResourceExhaustedError,
-    UnavailableError,
-    UnknownItemError,
-)
-from service.errors import (
-    INTERNAL_MESSAGE,
-    DeadlineExceededError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     UnauthenticatedError,
-    describe,
-    status_name,
+    UnavailableError,
+    UnknownItemError,
+    error_for,
 )
+from service.errors import INTERNAL_MESSAGE, describe, status_name
 
 
 @pytest.mark.parametrize(
@@ -63,3 +61,18 @@ def test_unknown_errors_are_logged_and_hidden(caplog: pytest.LogCaptureFixture) 
     (record,) = caplog.records
     assert record.exc_info is not None and "KeyError" in record.getMessage()
     assert status_name(KeyError()) == "INTERNAL"
+
+
+def test_one_table_maps_errors_to_codes_and_back() -> None:
+    """A server's class -> (gRPC code, HTTP status) and a client's code -> class are one
+    table: every code a server sends comes back as the class it raised (the HTTP-only 413
+    shares RESOURCE_EXHAUSTED with 429 and comes back as its parent's)."""
+    for code, cls in ERRORS_BY_CODE.items():
+        assert cls.grpc_code == code
+        again = error_for(code, "m")
+        assert type(again) is cls and str(again) == "m"
+    assert isinstance(error_for("DEADLINE_EXCEEDED", "late"), DeadlineExceededError)
+    assert isinstance(error_for("CANCELLED", "draining"), UnavailableError)
+    assert type(error_for("DATA_LOSS", "?")).__name__ == "EsansError"
+    assert isinstance(error_for("RESOURCE_EXHAUSTED", "big"), ResourceExhaustedError)
+    assert PayloadTooLargeError.grpc_code == "RESOURCE_EXHAUSTED"

@@ -15,11 +15,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from esans_sampler.artifact import artifact_to_files
+from esans_sampler.errors import DeadlineExceededError
 from service._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
 from service.app import ServiceRuntime
 from service.core import SamplingService
 from service.embedded_redis import EmbeddedRedis
-from service.errors import DeadlineExceededError
 from service.grpc_server import SERVICE_NAME, NegativeSamplerServicer, create_grpc_server
 from service.harness import local_settings
 from service.registry import CodebookRegistry

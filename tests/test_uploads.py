@@ -8,8 +8,7 @@ import zipfile
 
 import pytest
 
-from esans_sampler.errors import InvalidInputError
-from service.errors import PayloadTooLargeError
+from esans_sampler.errors import InvalidInputError, PayloadTooLargeError
 from service.uploads import unpack_upload
 
 LIMIT = 1 << 20
