@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from esans_sampler import kinds
 from esans_sampler.cluster_choice import AliasTable
 from esans_sampler.cluster_index import ClusterIndex
 from esans_sampler.errors import FailedPreconditionError, InvalidInputError
@@ -34,7 +35,7 @@ class UniformSampler:
     A slot draws j uniformly from [0, N - 1) and shifts it past the positive's row.
     """
 
-    name = "uniform"
+    name = kinds.UNIFORM
 
     def __init__(self, index: ClusterIndex) -> None:
         _require_two_items(index)
@@ -67,7 +68,7 @@ class PopularitySampler:
     q = p_i / (1 - p_pos).
     """
 
-    name = "popularity"
+    name = kinds.POPULARITY
 
     def __init__(self, index: ClusterIndex, counts: npt.ArrayLike, alpha: float = 0.75) -> None:
         _require_two_items(index)
@@ -146,7 +147,7 @@ class MixedSampler:
     q = 1 / (N - 1). A row whose batch holds no other id fills its in-batch slots by UNS.
     """
 
-    name = "mixed"
+    name = kinds.MIXED
 
     def __init__(self, index: ClusterIndex, in_batch_fraction: float = 0.5) -> None:
         _require_two_items(index)

@@ -19,11 +19,11 @@ import numpy.typing as npt
 
 from esans_sampler import errors
 from esans_sampler.errors import DeadlineExceededError, error_for
+from esans_sampler.kinds import SAMPLER_KINDS
 from esans_sampler.sampler import as_positive_ids, validate_sample_sizes
 
 T = TypeVar("T")
 
-SAMPLER_KINDS = ("esans", "uniform", "popularity", "mixed")
 # Large enough for B=4096 with embeddings at d=512; the server sets the same limit.
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from esans_sampler import kinds
 from esans_sampler.cluster_choice import AliasTable, cluster_choice_matrix, validate_gamma
 from esans_sampler.cluster_index import ClusterIndex
 from esans_sampler.draws import fill_distinct
@@ -161,7 +162,7 @@ class EsansSampler:
     by side, so a drawn item costs one memory read, and the fine cell of each catalogue row.
     """
 
-    name = "esans"
+    name = kinds.ESANS
 
     def __init__(
         self,

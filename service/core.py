@@ -27,6 +27,7 @@ from esans_sampler.errors import (
     InvalidInputError,
     ResourceExhaustedError,
 )
+from esans_sampler.kinds import ESANS, MIXED, POPULARITY, SAMPLER_KINDS, UNIFORM
 from esans_sampler.sampler import NegativeSample, NegativeSampler
 from esans_sampler.stats import hard_coverage
 from service.metrics import ServiceMetrics
@@ -35,11 +36,6 @@ from service.settings import Settings, response_bytes
 
 FloatArray = npt.NDArray[np.float32]
 
-ESANS: Final = "esans"
-UNIFORM: Final = "uniform"
-POPULARITY: Final = "popularity"
-MIXED: Final = "mixed"
-SAMPLER_KINDS: Final = (ESANS, UNIFORM, POPULARITY, MIXED)
 UINT64_MAX: Final = 2**64 - 1
 
 

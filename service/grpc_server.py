@@ -19,12 +19,9 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from esans_sampler.kinds import ESANS, MIXED, POPULARITY, UNIFORM
 from service._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
 from service.core import (
-    ESANS,
-    MIXED,
-    POPULARITY,
-    UNIFORM,
     CodebookInfo,
     SampleRequest,
     SampleResult,
