@@ -331,22 +331,44 @@ def load_result(path: str | Path) -> ExperimentResult:
 
 
 def progress_summary(path: str | Path) -> str:
-    """A table of what a progress file holds: finished trials and runs, validation and (for
-    runs) test Recall@K, the best epoch and the minutes each took."""
+    """What a progress file holds: every finished trial and run (validation and, for runs,
+    test Recall@K, best epoch, minutes), then the finished runs by method (mean ± std over
+    the seeds done so far, with the negatives' measurements at the best epoch)."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     if not lines:
         raise ValueError("empty progress file")
     rows = ["| kind | method | trial / seed | valid R@50 | test R@50 | test R@200 | best epoch "
             "| epochs | minutes |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    runs: dict[str, list[RunResult]] = {}
     for line in lines[1:]:
         entry = json.loads(line)
         kind, method, what = entry["key"].split(":")[:3]
         run = run_from_dict(entry["value"])
+        if kind == "run":
+            runs.setdefault(method, []).append(run)
         rows.append(
             f"| {kind} | {method} | {what} | {run.valid[50]:.4f} | "
             f"{run.test.get(50, math.nan):.4f} | {run.test.get(200, math.nan):.4f} | "
             f"{run.best_epoch} | {len(run.epochs)} | {run.seconds / 60:.1f} |"
         )
+    if runs:
+        rows += [
+            "",
+            "| method | seeds | test R@50 | test R@200 | cold R@50 | best epoch | "
+            "user's own items among negatives | items used as negatives / epoch | "
+            "popularity percentile of negatives |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for method, done in runs.items():
+            rows.append(
+                f"| {method} | {len(done)} | {_cell(_test(done, 50))} | "
+                f"{_cell(_test(done, 200))} | "
+                f"{_cell([r.test_cold.get(50, math.nan) for r in done])} | "
+                f"{np.mean([r.best_epoch for r in done]):.1f} | "
+                f"{np.mean([r.best.user_item_share for r in done]):.2%} | "
+                f"{np.mean([r.best.coverage for r in done]):.1%} | "
+                f"{np.mean([r.best.popularity_percentile for r in done]):.2f} |"
+            )
     return "\n".join(rows)
 
 
