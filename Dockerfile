@@ -19,6 +19,9 @@ COPY pyproject.toml README.md /src/
 COPY esans_sampler /src/esans_sampler
 COPY esans_cli /src/esans_cli
 COPY service /src/service
+# The servers' code is imported as esans_service (the repository's symbolic link, made here
+# since COPY does not carry links).
+RUN ln -s service /src/esans_service
 # The wheel goes in with --no-deps on top of the exact pins above (the client dependencies
 # and the [serve] extra); serving never imports torch.
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \

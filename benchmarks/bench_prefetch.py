@@ -74,9 +74,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from esans_sampler.artifact import artifact_to_files
     from esans_sampler.client import SamplerClient
     from esans_sampler.synthetic import random_artifact
-    from service.embedded_redis import EmbeddedRedis
-    from service.harness import free_port, serve_process, stop_process, wait_until_serving
-    from service.store import CodebookStore
+    from esans_service.embedded_redis import EmbeddedRedis
+    from esans_service.harness import free_port, serve_process, stop_process, wait_until_serving
+    from esans_service.store import CodebookStore
 
     artifact = random_artifact(args.items, 300, 15, 8, 0, 10**9)
     rng = np.random.default_rng(1)

@@ -359,7 +359,7 @@ def _start_sink(*flags: str) -> tuple[subprocess.Popen[str], int]:
 
 
 def _stop_sink(sink: subprocess.Popen[str] | None) -> None:
-    from service.harness import stop_process
+    from esans_service.harness import stop_process
 
     if sink is not None:
         if sink.stdin is not None:
@@ -436,13 +436,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
 
     from esans_sampler.artifact import artifact_to_files
+    from esans_sampler.contract._proto.esans.v1 import sampler_pb2
     from esans_sampler.edis import edis_from_rows, gather_rows
     from esans_sampler.synthetic import random_artifact
-    from service._proto.esans.v1 import sampler_pb2
-    from service.embedded_redis import EmbeddedRedis
-    from service.harness import free_port, serve_process, stop_process, wait_until_serving
-    from service.registry import load_codebook
-    from service.store import CodebookStore
+    from esans_service.embedded_redis import EmbeddedRedis
+    from esans_service.harness import free_port, serve_process, stop_process, wait_until_serving
+    from esans_service.registry import load_codebook
+    from esans_service.store import CodebookStore
 
     wall = time.monotonic()
     sizes = (args.m_c, args.m_o, args.m_h)

@@ -29,9 +29,9 @@ def run(args: argparse.Namespace) -> int:
     import redis
 
     from esans_sampler.artifact import read_artifact_files
-    from service.app import connect_redis
-    from service.embedded_redis import running_embedded_url
-    from service.store import CodebookStore
+    from esans_service.app import connect_redis
+    from esans_service.embedded_redis import running_embedded_url
+    from esans_service.store import CodebookStore
 
     settings = serve_settings(args)
     files = read_artifact_files(args.artifact)

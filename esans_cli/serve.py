@@ -12,7 +12,7 @@ from esans_cli import demo
 def _settings_epilog() -> str:
     """Every ESANS_ setting with its default and description, for `serve --help`."""
     try:
-        from service.settings import ENV_PREFIX, Settings
+        from esans_service.settings import ENV_PREFIX, Settings
     except ImportError:  # a client-only install has no server
         return "settings: the server is not installed here"
     lines = ["settings (environment variables; the flags above win):"]
@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def serve_settings(args: argparse.Namespace) -> Any:
-    from service.settings import load_settings
+    from esans_service.settings import load_settings
 
     flags = {
         "redis_url": getattr(args, "redis_url", None),
@@ -67,7 +67,7 @@ def serve_settings(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.app import run_server
+    from esans_service.app import run_server
 
     settings = serve_settings(args)
     if args.demo:
@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _publish_demo_if_empty(settings: Any, demo_dir: Path) -> None:
     from esans_sampler.artifact import read_artifact_files
-    from service.app import connect_redis
-    from service.store import CodebookStore
+    from esans_service.app import connect_redis
+    from esans_service.store import CodebookStore
 
     client, embedded = connect_redis(settings)
     try:

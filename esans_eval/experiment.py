@@ -40,7 +40,7 @@ from esans_eval.prepared import Prepared, prepare
 from esans_eval.results import ExperimentResult, Progress, RunResult, run_from_dict
 from esans_eval.training import COLD_MAX_COUNT, Sampling, evaluate, train_run
 from esans_sampler.client import SamplerClient
-from service.harness import LocalService
+from esans_service.harness import LocalService
 
 IntArray = npt.NDArray[np.int64]
 

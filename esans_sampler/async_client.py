@@ -11,16 +11,15 @@ from typing import Any, Self
 import numpy.typing as npt
 
 from esans_sampler import errors
-from esans_sampler.client import (
-    DEFAULT_MAX_MESSAGE_BYTES,
+from esans_sampler.client import DEFAULT_MAX_MESSAGE_BYTES, build_request, channel_options
+from esans_sampler.contract._proto.esans.v1 import sampler_pb2
+from esans_sampler.contract.messages import (
     INFO_METHOD,
     SAMPLE_METHOD,
     SampleResponse,
-    channel_options,
-    grpc_request,
-    info_dict,
+    info_from_proto,
+    request_to_proto,
     response_from_bytes,
-    sample_fields,
 )
 from esans_sampler.errors import error_for
 
@@ -44,10 +43,7 @@ class AsyncSamplerClient:
         import grpc
         import grpc.aio
 
-        from service._proto.esans.v1 import sampler_pb2
-
         self._grpc = grpc
-        self._pb2 = sampler_pb2
         self._channel = grpc.aio.insecure_channel(
             target, options=channel_options(max_message_bytes)
         )
@@ -78,33 +74,20 @@ class AsyncSamplerClient:
         self,
         positive_ids: npt.ArrayLike | Sequence[int],
         *,
-        m_c: int | None = None,
-        m_o: int | None = None,
-        m_h: int | None = None,
-        gamma: float | None = None,
-        eta: float | None = None,
-        hard_lambda: float | None = None,
-        sampler: str = "esans",
-        codebook_version: str = "",
-        seed: int | None = None,
-        return_embeddings: bool = False,
         timeout_s: float | None = None,
+        **options: Any,
     ) -> SampleResponse:
-        """:meth:`SamplerClient.sample`, awaited."""
-        fields = sample_fields(
-            positive_ids, m_c, m_o, m_h, gamma, eta, hard_lambda, sampler,
-            codebook_version, seed, return_embeddings,
-        )  # fmt: skip
-        request = grpc_request(self._pb2, fields)
-        data = await self._call(self._sample_raw, request, timeout_s)
-        return response_from_bytes(data)
+        """:meth:`SamplerClient.sample`, awaited; ``options`` are its keywords (``m_c``,
+        ``seed``, ``return_embeddings``, ...)."""
+        message = request_to_proto(build_request(positive_ids, **options))
+        return response_from_bytes(await self._call(self._sample_raw, message, timeout_s))
 
     async def codebook_info(
         self, version: str = "", timeout_s: float | None = None
     ) -> dict[str, Any]:
         """The active (or named) codebook's description, as a dict."""
-        request = self._pb2.GetCodebookInfoRequest(codebook_version=version)
-        return info_dict(await self._call(self._info, request, timeout_s))
+        message = sampler_pb2.GetCodebookInfoRequest(codebook_version=version)
+        return info_from_proto(await self._call(self._info, message, timeout_s))
 
     async def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
         """One call, retried on UNAVAILABLE with exponential backoff within the deadline."""

@@ -11,16 +11,38 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from esans_sampler import errors
+from esans_sampler.contract._proto.esans.v1 import sampler_pb2
+from esans_sampler.contract.messages import (
+    INFO_METHOD,
+    SAMPLE_METHOD,
+    SampledEmbeddings,
+    SampleRequest,
+    SampleResponse,
+    check_sampler,
+    info_from_proto,
+    request_to_json,
+    request_to_proto,
+    response_from_bytes,
+    response_from_json,
+)
 from esans_sampler.errors import DeadlineExceededError, error_for
-from esans_sampler.kinds import SAMPLER_KINDS
+from esans_sampler.kinds import ESANS
 from esans_sampler.sampler import as_positive_ids, validate_sample_sizes
+
+__all__ = [
+    "HttpSamplerClient",
+    "SampleRequest",
+    "SampleResponse",
+    "SampledEmbeddings",
+    "SamplerClient",
+    "build_request",
+]
 
 T = TypeVar("T")
 
@@ -28,94 +50,42 @@ T = TypeVar("T")
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 
 
-@dataclass(frozen=True)
-class SampledEmbeddings:
-    """Embeddings from the codebook's snapshot and the EDIS virtual negatives built on them.
-
-    positive (B, d); simple (B, m_c, m_o, d); hard (B, m_h, d); virtual_simple (B, m_c, T, d);
-    simple_weights (B, m_c, T, m_o) with ``virtual_simple == simple_weights @ simple``;
-    virtual_hard (B, m_h, d). Rows past ``hard_counts`` are zero.
-    """
-
-    positive: npt.NDArray[np.float32]
-    simple: npt.NDArray[np.float32]
-    hard: npt.NDArray[np.float32]
-    virtual_simple: npt.NDArray[np.float32]
-    simple_weights: npt.NDArray[np.float32]
-    virtual_hard: npt.NDArray[np.float32]
-    eta: float
-    hard_lambda: float
-
-
-@dataclass(frozen=True)
-class SampleResponse:
-    """One ``SampleNegatives`` answer as numpy arrays (shapes as in the proto).
-
-    simple_ids (B, m_c, m_o) int64, simple_clusters (B, m_c) int32, simple_log_q float32;
-    hard_ids (B, m_h) int64 (-1 past hard_counts), hard_counts (B,) int32, hard_log_q
-    float32 (-inf past hard_counts); positive_primary / positive_secondary (B,) int32.
-    """
-
-    codebook_version: str
-    sampler: str
-    positive_primary: npt.NDArray[np.int32]
-    positive_secondary: npt.NDArray[np.int32]
-    simple_ids: npt.NDArray[np.int64]
-    simple_clusters: npt.NDArray[np.int32]
-    simple_log_q: npt.NDArray[np.float32]
-    hard_ids: npt.NDArray[np.int64]
-    hard_counts: npt.NDArray[np.int32]
-    hard_log_q: npt.NDArray[np.float32]
-    embeddings: SampledEmbeddings | None = None
-
-    @property
-    def hard_valid(self) -> npt.NDArray[np.bool_]:
-        """(B, m_h) True where a hard slot holds a real negative."""
-        m_h = self.hard_ids.shape[1]
-        mask: npt.NDArray[np.bool_] = np.arange(m_h)[None, :] < self.hard_counts[:, None]
-        return mask
-
-
-def sample_fields(
+def build_request(
     positive_ids: npt.ArrayLike | Sequence[int],
-    m_c: int | None,
-    m_o: int | None,
-    m_h: int | None,
-    gamma: float | None,
-    eta: float | None,
-    hard_lambda: float | None,
-    sampler: str,
-    codebook_version: str,
-    seed: int | None,
-    return_embeddings: bool,
-) -> dict[str, Any]:
-    """The request as a dict, checked as the server checks it (both transports)."""
-    if sampler not in SAMPLER_KINDS:
-        raise errors.InvalidInputError(f"sampler must be one of {SAMPLER_KINDS}, got {sampler!r}")
-    # Refuse here what the server refuses, with its messages (the core's own checks): a float
-    # or out-of-range id must not be truncated or wrapped on its way to the wire.
+    *,
+    m_c: int | None = None,
+    m_o: int | None = None,
+    m_h: int | None = None,
+    gamma: float | None = None,
+    eta: float | None = None,
+    hard_lambda: float | None = None,
+    sampler: str = ESANS,
+    codebook_version: str = "",
+    seed: int | None = None,
+    return_embeddings: bool = False,
+) -> SampleRequest:
+    """The request of :meth:`SamplerClient.sample`'s arguments, checked as the server checks
+    it, with the server's messages (both transports, sync and async)."""
+    check_sampler(sampler)
+    # A float or out-of-range id must not be truncated or wrapped on its way to the wire.
     ids = as_positive_ids(np.ravel(positive_ids))
     if m_c is not None or m_o is not None or m_h is not None:
         validate_sample_sizes(
             1 if m_c is None else m_c, 1 if m_o is None else m_o, 0 if m_h is None else m_h
         )
-    fields: dict[str, Any] = {
-        "positive_ids": ids.tolist(),
-        "sampler": sampler,
-        "codebook_version": codebook_version,
-        "return_embeddings": return_embeddings,
-    }
-    optional = {
-        "m_c": m_c,
-        "m_o": m_o,
-        "m_h": m_h,
-        "gamma": gamma,
-        "eta": eta,
-        "hard_lambda": hard_lambda,
-        "seed": seed,
-    }
-    fields.update({k: v for k, v in optional.items() if v is not None})
-    return fields
+    return SampleRequest(
+        positive_ids=ids,
+        m_c=m_c,
+        m_o=m_o,
+        m_h=m_h,
+        gamma=gamma,
+        eta=eta,
+        hard_lambda=hard_lambda,
+        sampler=sampler,
+        codebook_version=codebook_version,
+        seed=seed,
+        return_embeddings=return_embeddings,
+    )
 
 
 class _SamplerClientBase:
@@ -144,7 +114,7 @@ class _SamplerClientBase:
         gamma: float | None = None,
         eta: float | None = None,
         hard_lambda: float | None = None,
-        sampler: str = "esans",
+        sampler: str = ESANS,
         codebook_version: str = "",
         seed: int | None = None,
         return_embeddings: bool = False,
@@ -156,11 +126,12 @@ class _SamplerClientBase:
         :class:`~esans_sampler.errors.InvalidInputError` for INVALID_ARGUMENT / 422) after
         retrying UNAVAILABLE up to ``retries`` times within the deadline.
         """
-        fields = sample_fields(
-            positive_ids, m_c, m_o, m_h, gamma, eta, hard_lambda, sampler,
-            codebook_version, seed, return_embeddings,
+        request = build_request(
+            positive_ids, m_c=m_c, m_o=m_o, m_h=m_h, gamma=gamma, eta=eta,
+            hard_lambda=hard_lambda, sampler=sampler, codebook_version=codebook_version,
+            seed=seed, return_embeddings=return_embeddings,
         )  # fmt: skip
-        return self._sample(fields, self.timeout_s if timeout_s is None else timeout_s)
+        return self._sample(request, self.timeout_s if timeout_s is None else timeout_s)
 
     def prefetch(
         self,
@@ -202,7 +173,7 @@ class _SamplerClientBase:
         """The active (or named) codebook's description, as a dict."""
         return self._codebook_info(version, self.timeout_s if timeout_s is None else timeout_s)
 
-    def _sample(self, fields: dict[str, Any], timeout_s: float) -> SampleResponse:
+    def _sample(self, request: SampleRequest, timeout_s: float) -> SampleResponse:
         raise NotImplementedError
 
     def _codebook_info(self, version: str, timeout_s: float) -> dict[str, Any]:
@@ -240,17 +211,19 @@ class SamplerClient(_SamplerClientBase):
     ) -> None:
         import grpc
 
-        from service._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
-
         self._grpc = grpc
-        self._pb2 = sampler_pb2
         self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
-        self._stub = sampler_pb2_grpc.NegativeSamplerStub(self._channel)  # type: ignore[no-untyped-call]
-        # SampleNegatives replies are read by service.wire straight into numpy (no parse copy).
+        # SampleNegatives replies are read by the contract's wire codec straight into numpy
+        # (no parse copy).
         self._sample_raw = self._channel.unary_unary(
             SAMPLE_METHOD,
             request_serializer=sampler_pb2.SampleNegativesRequest.SerializeToString,
             response_deserializer=None,
+        )
+        self._info = self._channel.unary_unary(
+            INFO_METHOD,
+            request_serializer=sampler_pb2.GetCodebookInfoRequest.SerializeToString,
+            response_deserializer=sampler_pb2.GetCodebookInfoResponse.FromString,
         )
         self.timeout_s = timeout_s
         self.retries = retries
@@ -268,29 +241,13 @@ class SamplerClient(_SamplerClientBase):
 
         return self._with_retries(once, timeout_s)
 
-    def _sample(self, fields: dict[str, Any], timeout_s: float) -> SampleResponse:
-        request = grpc_request(self._pb2, fields)
-        return response_from_bytes(self._call(self._sample_raw, request, timeout_s))
+    def _sample(self, request: SampleRequest, timeout_s: float) -> SampleResponse:
+        message = request_to_proto(request)
+        return response_from_bytes(self._call(self._sample_raw, message, timeout_s))
 
     def _codebook_info(self, version: str, timeout_s: float) -> dict[str, Any]:
-        request = self._pb2.GetCodebookInfoRequest(codebook_version=version)
-        return info_dict(self._call(self._stub.GetCodebookInfo, request, timeout_s))
-
-
-def info_dict(reply: Any) -> dict[str, Any]:
-    """A ``GetCodebookInfoResponse`` as a dict with every field, false and zero ones too, in
-    its proto type (int, bool, float, str, list); not protobuf's JSON mapping, which turns
-    int64 into strings and drops defaults."""
-    return {
-        field.name: list(getattr(reply, field.name))
-        if field.is_repeated
-        else getattr(reply, field.name)
-        for field in reply.DESCRIPTOR.fields
-    }
-
-
-SAMPLE_METHOD = "/esans.v1.NegativeSampler/SampleNegatives"
-INFO_METHOD = "/esans.v1.NegativeSampler/GetCodebookInfo"
+        message = sampler_pb2.GetCodebookInfoRequest(codebook_version=version)
+        return info_from_proto(self._call(self._info, message, timeout_s))
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -299,44 +256,6 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
-
-
-def grpc_request(pb2: Any, fields: dict[str, Any]) -> Any:
-    """The ``SampleNegativesRequest`` of :func:`sample_fields` (both gRPC clients)."""
-    kind = pb2.SamplerKind.Value(f"SAMPLER_KIND_{fields['sampler'].upper()}")
-    return pb2.SampleNegativesRequest(**{**fields, "sampler": kind})
-
-
-def response_from_bytes(data: bytes) -> SampleResponse:
-    """A ``SampleNegatives`` reply, read from its wire bytes straight into numpy."""
-    from service._proto.esans.v1 import sampler_pb2
-    from service.wire import (
-        EMBEDDING_TENSOR_NAMES,
-        RESPONSE_TENSOR_NAMES,
-        WireFormatError,
-        decode_sample_response,
-    )
-
-    try:
-        reply = decode_sample_response(data)
-        t = reply.tensors
-        embeddings = None
-        if reply.embeddings is not None:
-            e = reply.embeddings
-            embeddings = SampledEmbeddings(
-                **{name: e[name] for name in EMBEDDING_TENSOR_NAMES},
-                eta=reply.eta,
-                hard_lambda=reply.hard_lambda,
-            )
-        kind = sampler_pb2.SamplerKind.Name(reply.sampler_kind)
-        return SampleResponse(
-            codebook_version=reply.codebook_version,
-            sampler=kind.removeprefix("SAMPLER_KIND_").lower(),
-            **{name: t[name] for name in RESPONSE_TENSOR_NAMES},
-            embeddings=embeddings,
-        )
-    except (WireFormatError, KeyError, ValueError) as exc:
-        raise errors.EsansError(f"malformed SampleNegatives response: {exc}") from exc
 
 
 class HttpSamplerClient(_SamplerClientBase):
@@ -376,42 +295,9 @@ class HttpSamplerClient(_SamplerClientBase):
 
         return self._with_retries(once, timeout_s)
 
-    def _sample(self, fields: dict[str, Any], timeout_s: float) -> SampleResponse:
-        return _response_from_json(self._request("POST", "/v1/sample", timeout_s, json=fields))
+    def _sample(self, request: SampleRequest, timeout_s: float) -> SampleResponse:
+        body = request_to_json(request)
+        return response_from_json(self._request("POST", "/v1/sample", timeout_s, json=body))
 
     def _codebook_info(self, version: str, timeout_s: float) -> dict[str, Any]:
         return self._request("GET", "/v1/codebook", timeout_s, params={"version": version})
-
-
-def _response_from_json(body: dict[str, Any]) -> SampleResponse:
-    from service.tensors import from_json
-
-    def arr(value: dict[str, Any]) -> Any:
-        return from_json(value, null=-np.inf)
-
-    embeddings = None
-    if body.get("embeddings"):
-        e = body["embeddings"]
-        embeddings = SampledEmbeddings(
-            positive=arr(e["positive"]),
-            simple=arr(e["simple"]),
-            hard=arr(e["hard"]),
-            virtual_simple=arr(e["virtual_simple"]),
-            simple_weights=arr(e["simple_weights"]),
-            virtual_hard=arr(e["virtual_hard"]),
-            eta=float(e["eta"]),
-            hard_lambda=float(e["hard_lambda"]),
-        )
-    return SampleResponse(
-        codebook_version=body["codebook_version"],
-        sampler=str(body["sampler"]).upper().removeprefix("SAMPLER_KIND_").lower(),
-        positive_primary=arr(body["positive_primary"]),
-        positive_secondary=arr(body["positive_secondary"]),
-        simple_ids=arr(body["simple_ids"]),
-        simple_clusters=arr(body["simple_clusters"]),
-        simple_log_q=arr(body["simple_log_q"]),
-        hard_ids=arr(body["hard_ids"]),
-        hard_counts=arr(body["hard_counts"]),
-        hard_log_q=arr(body["hard_log_q"]),
-        embeddings=embeddings,
-    )

@@ -40,7 +40,7 @@ from locust import HttpUser, User, constant, task
 from locust.env import Environment
 from locust.exception import LocustError
 
-from service._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
+from esans_sampler.contract._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
 
 # gRPC must cooperate with locust's gevent loop; this has to run before any channel exists.
 grpc_gevent.init_gevent()

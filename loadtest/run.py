@@ -149,7 +149,7 @@ def run_locust(
         "--stop-timeout", "5", "--csv", str(prefix), "--only-summary",
         "--loglevel", "WARNING",
     ]  # fmt: skip
-    from service.harness import stop_process
+    from esans_service.harness import stop_process
 
     log = work / "locust.log"
     with log.open("wb") as out:
@@ -191,9 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from esans_sampler.artifact import artifact_to_files
     from esans_sampler.synthetic import random_artifact
-    from service.embedded_redis import EmbeddedRedis
-    from service.harness import free_port, serve_process, stop_process, wait_until_serving
-    from service.store import CodebookStore
+    from esans_service.embedded_redis import EmbeddedRedis
+    from esans_service.harness import free_port, serve_process, stop_process, wait_until_serving
+    from esans_service.store import CodebookStore
 
     artifact = random_artifact(
         args.items, args.primary, args.secondary, args.dim, args.seed, FIRST_ID,

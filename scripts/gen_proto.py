@@ -14,10 +14,10 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-DEFAULT_OUT = ROOT / "service" / "_proto"
+DEFAULT_OUT = ROOT / "esans_sampler" / "contract" / "_proto"
 
 
-def generate(out: Path, package: str = "service._proto") -> list[Path]:
+def generate(out: Path, package: str = "esans_sampler.contract._proto") -> list[Path]:
     """Write the generated modules under ``out``, importable as ``package``."""
     out.mkdir(parents=True, exist_ok=True)
     protos = sorted(PROTO_ROOT.rglob("*.proto"))

@@ -26,15 +26,15 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from esans_sampler.errors import UnavailableError
-from service.core import SamplingService
-from service.embedded_redis import EmbeddedRedis, running_embedded_url
-from service.errors import PortUnavailableError
-from service.grpc_server import GrpcServer, create_grpc_server
-from service.http_app import create_app
-from service.metrics import ServiceMetrics
-from service.registry import CodebookRegistry
-from service.settings import Settings
-from service.store import CodebookStore
+from esans_service.core import SamplingService
+from esans_service.embedded_redis import EmbeddedRedis, running_embedded_url
+from esans_service.errors import PortUnavailableError
+from esans_service.grpc_server import GrpcServer, create_grpc_server
+from esans_service.http_app import create_app
+from esans_service.metrics import ServiceMetrics
+from esans_service.registry import CodebookRegistry
+from esans_service.settings import Settings
+from esans_service.store import CodebookStore
 
 logger = logging.getLogger(__name__)
 

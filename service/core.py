@@ -7,19 +7,19 @@ caller can get wrong is checked here, with a message that says what to change.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
 from esans_sampler.cluster_choice import MAX_GAMMA, validate_gamma
+from esans_sampler.contract.messages import CodebookInfo, SampledEmbeddings, SampleRequest
 from esans_sampler.edis import MAX_ETA, MIN_LAMBDA, edis_from_rows, gather_rows
 from esans_sampler.errors import (
     DeadlineExceededError,
@@ -27,57 +27,16 @@ from esans_sampler.errors import (
     InvalidInputError,
     ResourceExhaustedError,
 )
-from esans_sampler.kinds import ESANS, MIXED, POPULARITY, SAMPLER_KINDS, UNIFORM
+from esans_sampler.kinds import MIXED, POPULARITY, SAMPLER_KINDS, UNIFORM
 from esans_sampler.sampler import NegativeSample, NegativeSampler
 from esans_sampler.stats import hard_coverage
-from service.metrics import ServiceMetrics
-from service.registry import CodebookRegistry, LoadedCodebook
-from service.settings import Settings, response_bytes
+from esans_service.metrics import ServiceMetrics
+from esans_service.registry import CodebookRegistry, LoadedCodebook
+from esans_service.settings import Settings, response_bytes
 
 FloatArray = npt.NDArray[np.float32]
 
 UINT64_MAX: Final = 2**64 - 1
-
-
-@dataclass(frozen=True, eq=False)
-class SampleRequest:
-    """One sampling request, transport-free. None means "the server's default".
-
-    positive_ids: (B,) int64 item ids. sampler: one of :data:`SAMPLER_KINDS`.
-    codebook_version: None or "" = the active version. seed: None = fresh randomness.
-    gamma is ignored by the baseline samplers (they draw no clusters).
-    """
-
-    positive_ids: npt.NDArray[np.int64]
-    m_c: int | None = None
-    m_o: int | None = None
-    m_h: int | None = None
-    gamma: float | None = None
-    eta: float | None = None
-    hard_lambda: float | None = None
-    sampler: str = ESANS
-    codebook_version: str | None = None
-    seed: int | None = None
-    return_embeddings: bool = False
-
-
-@dataclass(frozen=True, eq=False)
-class EmbeddingResult:
-    """Embeddings of the sampled items from the codebook's snapshot, and EDIS (eq. 11-13).
-
-    positive (B, d), simple (B, m_c, m_o, d), hard (B, m_h, d) (zero past hard_counts),
-    virtual_simple (B, m_c, T, d), simple_weights (B, m_c, T, m_o), virtual_hard (B, m_h, d),
-    all float32, T = 2 + ... + m_o.
-    """
-
-    positive: FloatArray
-    simple: FloatArray
-    hard: FloatArray
-    virtual_simple: FloatArray
-    simple_weights: FloatArray
-    virtual_hard: FloatArray
-    eta: float
-    hard_lambda: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,31 +46,7 @@ class SampleResult:
     codebook_version: str
     sampler: str
     sample: NegativeSample
-    embeddings: EmbeddingResult | None = None
-
-
-@dataclass(frozen=True)
-class CodebookInfo:
-    """What a caller may know about one loaded codebook version."""
-
-    version: str
-    active: bool
-    loaded_versions: list[str]
-    num_items: int
-    num_primary: int
-    num_secondary: int
-    embedding_dim: int  # 0 = no embedding snapshot
-    modalities: list[str]
-    created_at: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-    stale: bool = False
-    secondary_quantisation: str = ""
-    hard_candidate_share: float = 0.0  # items with >= hard_candidate_m_h hard candidates
-    hard_candidate_m_h: int = 0
-
-    @property
-    def metadata_json(self) -> str:
-        return json.dumps(self.metadata, sort_keys=True)
+    embeddings: SampledEmbeddings | None = None
 
 
 @dataclass(frozen=True)
@@ -303,7 +238,7 @@ class SamplingService:
 
 
 def _count_served(
-    metrics: ServiceMetrics, sample: NegativeSample, embeddings: EmbeddingResult | None
+    metrics: ServiceMetrics, sample: NegativeSample, embeddings: SampledEmbeddings | None
 ) -> None:
     served = metrics.negatives
     hard = int(sample.hard_counts.sum())
@@ -367,12 +302,12 @@ def _sampler_of(codebook: LoadedCodebook, kind: str) -> NegativeSampler:
 
 def _embeddings(
     table: FloatArray, sample: NegativeSample, eta: float, hard_lambda: float
-) -> EmbeddingResult:
+) -> SampledEmbeddings:
     """Gather the snapshot rows of the sample and interpolate them (EDIS, eq. 11-13)."""
     edis = edis_from_rows(
         table, sample.positive_rows, sample.simple_rows, sample.hard_rows, eta, hard_lambda
     )
-    return EmbeddingResult(
+    return SampledEmbeddings(
         positive=gather_rows(table, sample.positive_rows),
         simple=gather_rows(table, sample.simple_rows),
         hard=gather_rows(table, sample.hard_rows),

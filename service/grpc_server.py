@@ -1,7 +1,7 @@
 """The gRPC transport: ``esans.v1.NegativeSampler`` plus the stock health and reflection.
 
 The servicer only converts protos to a :class:`SampleRequest` and a :class:`SampleResult`
-back; one interceptor maps every error to a status code (:func:`service.errors.describe`)
+back; one interceptor maps every error to a status code (:func:`esans_service.errors.describe`)
 and records the call's metrics.
 """
 
@@ -15,22 +15,15 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from esans_sampler.kinds import ESANS, MIXED, POPULARITY, UNIFORM
-from service._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
-from service.core import (
-    CodebookInfo,
-    SampleRequest,
-    SampleResult,
-    SamplingService,
-)
-from service.errors import ErrorReport, PortUnavailableError, describe
-from service.metrics import ServiceMetrics
-from service.settings import MIB, Settings
-from service.wire import EMBEDDING_TENSOR_NAMES, RESPONSE_TENSOR_NAMES, encode_sample_response
+from esans_sampler.contract._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
+from esans_sampler.contract.messages import info_to_proto, request_from_proto, response_to_bytes
+from esans_service.core import SampleResult, SamplingService
+from esans_service.errors import ErrorReport, PortUnavailableError, describe
+from esans_service.metrics import ServiceMetrics
+from esans_service.settings import MIB, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -44,77 +37,12 @@ _EXTRA_WORKERS = 8
 # Calls admitted at once (running plus queued) per worker; more get RESOURCE_EXHAUSTED.
 _QUEUED_PER_WORKER = 4
 
-_KIND_FROM_PROTO = {
-    sampler_pb2.SAMPLER_KIND_UNSPECIFIED: ESANS,
-    sampler_pb2.SAMPLER_KIND_ESANS: ESANS,
-    sampler_pb2.SAMPLER_KIND_UNIFORM: UNIFORM,
-    sampler_pb2.SAMPLER_KIND_POPULARITY: POPULARITY,
-    sampler_pb2.SAMPLER_KIND_MIXED: MIXED,
-}
-_KIND_TO_PROTO = {
-    ESANS: sampler_pb2.SAMPLER_KIND_ESANS,
-    UNIFORM: sampler_pb2.SAMPLER_KIND_UNIFORM,
-    POPULARITY: sampler_pb2.SAMPLER_KIND_POPULARITY,
-    MIXED: sampler_pb2.SAMPLER_KIND_MIXED,
-}
-
-
-# ----------------------------------------------------------------------------- conversion
-
-
-def request_from_proto(request: sampler_pb2.SampleNegativesRequest) -> SampleRequest:
-    """The transport-free request of a ``SampleNegativesRequest`` (absent fields = None)."""
-
-    def optional(name: str) -> Any:
-        return getattr(request, name) if request.HasField(name) else None
-
-    return SampleRequest(
-        positive_ids=np.array(request.positive_ids, dtype=np.int64),
-        m_c=optional("m_c"),
-        m_o=optional("m_o"),
-        m_h=optional("m_h"),
-        gamma=optional("gamma"),
-        eta=optional("eta"),
-        hard_lambda=optional("hard_lambda"),
-        sampler=_KIND_FROM_PROTO.get(request.sampler, f"SamplerKind({request.sampler})"),
-        codebook_version=request.codebook_version or None,
-        seed=optional("seed"),
-        return_embeddings=request.return_embeddings,
-    )
-
 
 def response_bytes(result: SampleResult) -> bytes:
-    """The serialised ``SampleNegativesResponse`` of a :class:`SampleResult` (written from
-    the numpy buffers by :mod:`service.wire`, byte-identical to the protobuf classes' output)."""
-    e = result.embeddings
-    return encode_sample_response(
-        result.codebook_version,
-        _KIND_TO_PROTO[result.sampler],
-        # Response tensors are filled from the NegativeSample / EmbeddingResult attribute of
-        # the same name.
-        {name: getattr(result.sample, name) for name in RESPONSE_TENSOR_NAMES},
-        None if e is None else {name: getattr(e, name) for name in EMBEDDING_TENSOR_NAMES},
-        eta=0.0 if e is None else e.eta,
-        hard_lambda=0.0 if e is None else e.hard_lambda,
-    )
-
-
-def info_to_proto(info: CodebookInfo) -> sampler_pb2.GetCodebookInfoResponse:
-    return sampler_pb2.GetCodebookInfoResponse(
-        version=info.version,
-        active=info.active,
-        loaded_versions=info.loaded_versions,
-        num_items=info.num_items,
-        num_primary=info.num_primary,
-        num_secondary=info.num_secondary,
-        embedding_dim=info.embedding_dim,
-        modalities=info.modalities,
-        created_at=info.created_at,
-        metadata_json=info.metadata_json,
-        stale=info.stale,
-        secondary_quantisation=info.secondary_quantisation,
-        hard_candidate_share=info.hard_candidate_share,
-        hard_candidate_m_h=info.hard_candidate_m_h,
+    """The serialised ``SampleNegativesResponse`` of a :class:`SampleResult`, written from the
+    numpy buffers (byte-identical to the protobuf classes' output)."""
+    return response_to_bytes(
+        result.codebook_version, result.sampler, result.sample, result.embeddings
     )
 
 

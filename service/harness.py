@@ -18,8 +18,8 @@ from typing import Any, Self
 
 from esans_sampler.artifact import CodebookArtifact, artifact_to_files
 from esans_sampler.client import SamplerClient
-from service.app import ServiceRuntime
-from service.settings import ENV_PREFIX, Settings
+from esans_service.app import ServiceRuntime
+from esans_service.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ class LocalService:
         self._client: SamplerClient | None = None
 
     def __enter__(self) -> Self:
-        logging.getLogger("service").setLevel(logging.WARNING)
+        logging.getLogger("esans_service").setLevel(logging.WARNING)
         self._tmp = tempfile.TemporaryDirectory(prefix="esans-local-")
         defaults: dict[str, Any] = {
             "data_dir": Path(self._tmp.name) / "redis",

@@ -2,8 +2,8 @@
 
 ``POST /v1/sample`` takes JSON with the field names of ``SampleNegativesRequest`` and
 answers with those of ``SampleNegativesResponse``, each tensor as ``{"dtype", "shape",
-"data"}`` (see :mod:`service.tensors`). Routes only convert; :class:`SamplingService` does
-the work. One exception handler turns every error into its status and the envelope
+"data"}`` (see :mod:`esans_sampler.contract`). Routes only convert; :class:`SamplingService`
+does the work. One exception handler turns every error into its status and the envelope
 ``{"error": {"code": "<gRPC code name>", "message": "..."}}``.
 
 Admin routes (``/admin``) need ``Authorization: Bearer <ESANS_ADMIN_TOKEN>``; without a
@@ -18,16 +18,21 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
-import numpy as np
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from esans_sampler.artifact import artifact_from_files
+from esans_sampler.contract.messages import (
+    info_to_json,
+    json_request_fields,
+    request_from_json,
+    response_to_json,
+)
 from esans_sampler.errors import (
     EsansError,
     InvalidInputError,
@@ -36,17 +41,15 @@ from esans_sampler.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from service.core import CodebookInfo, SampleRequest, SampleResult, SamplingService
-from service.errors import ErrorReport, describe, status_code
-from service.registry import CodebookRegistry
-from service.settings import Settings
-from service.store import CodebookStore
-from service.tensors import to_json
-from service.uploads import unpack_upload
+from esans_service.core import SampleResult, SamplingService
+from esans_service.errors import ErrorReport, describe, status_code
+from esans_service.registry import CodebookRegistry
+from esans_service.settings import Settings
+from esans_service.store import CodebookStore
+from esans_service.uploads import unpack_upload
 
-audit = logging.getLogger("service.admin")
+audit = logging.getLogger("esans_service.admin")
 
-_KIND_PREFIX = "SAMPLER_KIND_"
 T = TypeVar("T")
 _HTTP_CODES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"}
 
@@ -54,99 +57,21 @@ _HTTP_CODES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"
 # ----------------------------------------------------------------------------- bodies
 
 
-class SampleBody(BaseModel):
-    """JSON twin of ``SampleNegativesRequest``; absent fields take the server's defaults.
-
-    ``sampler`` is ``"esans"``, ``"uniform"``, ``"popularity"``, ``"mixed"`` or the proto
-    enum name (``"SAMPLER_KIND_UNIFORM"``).
-    """
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    positive_ids: list[int]
-    m_c: int | None = None
-    m_o: int | None = None
-    m_h: int | None = None
-    gamma: float | None = None
-    eta: float | None = None
-    hard_lambda: float | None = None
-    sampler: str = "esans"
-    codebook_version: str = ""
-    seed: int | None = None
-    return_embeddings: bool = False
-
-    def to_request(self) -> SampleRequest:
-        ids = np.array(self.positive_ids) if self.positive_ids else np.zeros(0, np.int64)
-        return SampleRequest(
-            positive_ids=ids,
-            m_c=self.m_c,
-            m_o=self.m_o,
-            m_h=self.m_h,
-            gamma=self.gamma,
-            eta=self.eta,
-            hard_lambda=self.hard_lambda,
-            sampler=sampler_kind(self.sampler),
-            codebook_version=self.codebook_version or None,
-            seed=self.seed,
-            return_embeddings=self.return_embeddings,
-        )
-
-
-def sampler_kind(name: str) -> str:
-    """``"esans"`` for ``"SAMPLER_KIND_ESANS"``, ``"ESANS"`` or ``"esans"`` (UNSPECIFIED too)."""
-    kind = name.strip().upper().removeprefix(_KIND_PREFIX).lower()
-    return "esans" if kind == "unspecified" else kind
+# The JSON twin of ``SampleNegativesRequest``, its fields read from the proto; absent fields
+# take the server's defaults. ``sampler`` is "esans", "uniform", "popularity", "mixed" or the
+# proto enum name ("SAMPLER_KIND_UNIFORM").
+SampleBody = create_model(
+    "SampleBody",
+    __config__=ConfigDict(extra="forbid", strict=True),
+    **json_request_fields(),  # type: ignore[call-overload]
+)
 
 
 def sample_to_json(result: SampleResult) -> dict[str, Any]:
     """The JSON twin of ``SampleNegativesResponse`` (``embeddings`` null when not asked)."""
-    s = result.sample
-    body: dict[str, Any] = {
-        "codebook_version": result.codebook_version,
-        "sampler": f"{_KIND_PREFIX}{result.sampler.upper()}",
-        "positive_primary": to_json(s.positive_primary),
-        "positive_secondary": to_json(s.positive_secondary),
-        "simple_ids": to_json(s.simple_ids),
-        "simple_clusters": to_json(s.simple_clusters),
-        "simple_log_q": to_json(s.simple_log_q),
-        "hard_ids": to_json(s.hard_ids),
-        "hard_counts": to_json(s.hard_counts),
-        "hard_log_q": to_json(s.hard_log_q),
-        "embeddings": None,
-    }
-    e = result.embeddings
-    if e is not None:
-        body["embeddings"] = {
-            "positive": to_json(e.positive),
-            "simple": to_json(e.simple),
-            "hard": to_json(e.hard),
-            "virtual_simple": to_json(e.virtual_simple),
-            "simple_weights": to_json(e.simple_weights),
-            "virtual_hard": to_json(e.virtual_hard),
-            "eta": e.eta,
-            "hard_lambda": e.hard_lambda,
-        }
-    return body
-
-
-def info_to_json(info: CodebookInfo) -> dict[str, Any]:
-    """The JSON twin of ``GetCodebookInfoResponse``."""
-    return {
-        "version": info.version,
-        "active": info.active,
-        "loaded_versions": info.loaded_versions,
-        "num_items": info.num_items,
-        "num_primary": info.num_primary,
-        "num_secondary": info.num_secondary,
-        "embedding_dim": info.embedding_dim,
-        "modalities": info.modalities,
-        "created_at": info.created_at,
-        "metadata_json": info.metadata_json,
-        "stale": info.stale,
-        "secondary_quantisation": info.secondary_quantisation,
-        "hard_candidate_share": info.hard_candidate_share,
-        "hard_candidate_m_h": info.hard_candidate_m_h,
-    }
+    return response_to_json(
+        result.codebook_version, result.sampler, result.sample, result.embeddings
+    )
 
 
 # ----------------------------------------------------------------------------- dependencies
@@ -202,9 +127,10 @@ api = APIRouter()
 
 
 @api.post("/v1/sample")
-def sample(body: SampleBody, service: Service) -> JSONResponse:
+def sample(body: SampleBody, service: Service) -> JSONResponse:  # type: ignore[valid-type]
     """Negatives for a batch (the HTTP twin of ``SampleNegatives``)."""
-    return JSONResponse(sample_to_json(service.sample(body.to_request())))
+    request = request_from_json(body.model_dump())  # type: ignore[attr-defined]
+    return JSONResponse(sample_to_json(service.sample(request)))
 
 
 @api.get("/v1/codebook")

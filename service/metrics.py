@@ -22,7 +22,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from service.errors import status_name
+from esans_service.errors import status_name
 
 _LATENCY_BUCKETS = (
     0.0005,

@@ -35,7 +35,7 @@ from esans_sampler.errors import (
     UnavailableError,
 )
 from esans_sampler.sampler import EsansSampler
-from service.store import FULL_VERSION_CHARS, MIN_VERSION_PREFIX, CodebookStore, parse_event
+from esans_service.store import FULL_VERSION_CHARS, MIN_VERSION_PREFIX, CodebookStore, parse_event
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from esans_sampler.artifact import CodebookArtifact
 from esans_sampler.cluster_choice import cluster_choice_matrix
 from esans_sampler.cluster_index import ClusterIndex
 from esans_sampler.codebook import Codebook
-from service.embedded_redis import EmbeddedRedis
+from esans_service.embedded_redis import EmbeddedRedis
 
 ArtifactFactory = Callable[..., CodebookArtifact]
 

@@ -14,12 +14,12 @@ import httpx
 from conftest import build_random_artifact
 
 from esans_sampler.artifact import artifact_to_files
-from service.embedded_redis import EmbeddedRedis
-from service.store import CodebookStore
+from esans_service.embedded_redis import EmbeddedRedis
+from esans_service.store import CodebookStore
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE = (
-    "from service.app import run_server; from service.settings import load_settings; "
+    "from esans_service.app import run_server; from esans_service.settings import load_settings; "
     "run_server(load_settings())"
 )
 READY = re.compile(r"gRPC on [^:]+:(\d+), HTTP on [^:]+:(\d+)")
@@ -69,7 +69,7 @@ def test_serves_and_stops_on_sigterm(redis_server: EmbeddedRedis, tmp_path: Path
 def test_native_thread_pools_are_limited_for_serving() -> None:
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from service.app import limit_native_threads
+    from esans_service.app import limit_native_threads
 
     before = threadpool_info()
     try:

@@ -12,7 +12,7 @@ from esans_cli import main
 from esans_sampler.artifact import load_artifact
 from esans_sampler.catalogue import write_npy_catalogue
 from esans_sampler.synthetic import make_planted_catalogue
-from service.embedded_redis import EmbeddedRedis
+from esans_service.embedded_redis import EmbeddedRedis
 
 SMALL = ["--kp", "6", "--ks", "3", "--dm", "16", "--epochs", "1", "--seed", "1", "--quiet"]
 
@@ -160,7 +160,7 @@ def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_help_documents_every_flag_and_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
-    from service.settings import Settings
+    from esans_service.settings import Settings
 
     for command in ("serve", "demo", "publish", "build", "inspect"):
         with pytest.raises(SystemExit):
@@ -231,9 +231,9 @@ def test_versions_commands_drive_the_admin_api(
     from conftest import build_random_artifact
 
     from esans_sampler.artifact import artifact_to_files
-    from service.app import ServiceRuntime
-    from service.harness import local_settings
-    from service.store import CodebookStore
+    from esans_service.app import ServiceRuntime
+    from esans_service.harness import local_settings
+    from esans_service.store import CodebookStore
 
     token = "t" * 24
     with redis_server.client() as client:

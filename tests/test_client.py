@@ -14,11 +14,11 @@ from esans_sampler.artifact import artifact_to_files
 from esans_sampler.client import HttpSamplerClient, SamplerClient, SampleResponse
 from esans_sampler.errors import InvalidInputError, NotFoundError, UnavailableError
 from esans_sampler.trainer import esans_loss, esans_negatives
-from service.app import ServiceRuntime
-from service.embedded_redis import EmbeddedRedis
-from service.harness import local_settings
-from service.settings import Settings
-from service.store import CodebookStore
+from esans_service.app import ServiceRuntime
+from esans_service.embedded_redis import EmbeddedRedis
+from esans_service.harness import local_settings
+from esans_service.settings import Settings
+from esans_service.store import CodebookStore
 
 ARTIFACT = build_random_artifact(seed=4, num_items=300, dim=8)
 IDS = ARTIFACT.index.item_ids

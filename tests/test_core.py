@@ -13,6 +13,7 @@ import pytest
 from conftest import build_random_artifact
 
 from esans_sampler.artifact import artifact_to_files
+from esans_sampler.contract.messages import SampleRequest
 from esans_sampler.edis import apply_weights
 from esans_sampler.errors import (
     DeadlineExceededError,
@@ -23,11 +24,11 @@ from esans_sampler.errors import (
     UnavailableError,
 )
 from esans_sampler.stats import hard_coverage
-from service.core import SampleRequest, SampleResult, SamplingService
-from service.embedded_redis import EmbeddedRedis
-from service.registry import CodebookRegistry
-from service.settings import Settings
-from service.store import CodebookStore
+from esans_service.core import SampleResult, SamplingService
+from esans_service.embedded_redis import EmbeddedRedis
+from esans_service.registry import CodebookRegistry
+from esans_service.settings import Settings
+from esans_service.store import CodebookStore
 
 NUM_ITEMS = 200
 

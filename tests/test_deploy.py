@@ -34,11 +34,11 @@ from conftest import build_random_artifact
 from packaging.requirements import Requirement
 
 from esans_sampler.artifact import artifact_to_files
-from service.http_app import api
-from service.metrics import ServiceMetrics
-from service.registry import CodebookRegistry
-from service.settings import Settings, load_settings
-from service.store import CodebookStore
+from esans_service.http_app import api
+from esans_service.metrics import ServiceMetrics
+from esans_service.registry import CodebookRegistry
+from esans_service.settings import Settings, load_settings
+from esans_service.store import CodebookStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -654,9 +654,9 @@ def test_serving_never_imports_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
         "from esans_cli import build_parser\n"
-        "import service.app, esans_sampler.artifact, service.store\n"
-        "from service.settings import load_settings\n"
-        "from service.app import ServiceRuntime\n"
+        "import esans_service.app, esans_sampler.artifact, esans_service.store\n"
+        "from esans_service.settings import load_settings\n"
+        "from esans_service.app import ServiceRuntime\n"
         "ServiceRuntime(load_settings(environ={}))\n"
     )
     result = subprocess.run(

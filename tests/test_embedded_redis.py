@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from esans_sampler.errors import FailedPreconditionError, UnavailableError
-from service.embedded_redis import EmbeddedRedis, running_embedded_url
+from esans_service.embedded_redis import EmbeddedRedis, running_embedded_url
 
 
 def _pid_alive(pid: int) -> bool:
@@ -138,7 +138,7 @@ def test_forgotten_server_is_stopped_when_collected(tmp_path: Path) -> None:
 def test_forgotten_server_is_stopped_at_interpreter_exit(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
-        from service.embedded_redis import EmbeddedRedis
+        from esans_service.embedded_redis import EmbeddedRedis
         server = EmbeddedRedis({str(tmp_path)!r}).start()
         print(server.pid, flush=True)
         """
@@ -163,10 +163,10 @@ def test_a_replica_sharing_the_embedded_redis_recovers_when_its_owner_restarts(
     from conftest import build_random_artifact
 
     from esans_sampler.artifact import artifact_to_files
-    from service.app import ServiceRuntime
-    from service.harness import local_settings
-    from service.settings import Settings
-    from service.store import CodebookStore
+    from esans_service.app import ServiceRuntime
+    from esans_service.harness import local_settings
+    from esans_service.settings import Settings
+    from esans_service.store import CodebookStore
 
     def settings() -> Settings:
         return local_settings(data_dir=tmp_path / "redis", poll_interval_s=0.2)

@@ -23,7 +23,7 @@ from esans_sampler.errors import (
     UnknownItemError,
     error_for,
 )
-from service.errors import INTERNAL_MESSAGE, describe, status_name
+from esans_service.errors import INTERNAL_MESSAGE, describe, status_name
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_known_errors_keep_their_message(
 
 
 def test_unknown_errors_are_logged_and_hidden(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.ERROR, logger="service.errors"):
+    with caplog.at_level(logging.ERROR, logger="esans_service.errors"):
         report = describe(KeyError("secret internal detail"))
     assert (report.grpc_code, report.http_status) == (grpc.StatusCode.INTERNAL, 500)
     assert report.message == INTERNAL_MESSAGE and "secret" not in report.message

@@ -15,17 +15,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from esans_sampler.artifact import artifact_to_files
+from esans_sampler.contract._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
+from esans_sampler.contract.tensors import from_tensor
 from esans_sampler.errors import DeadlineExceededError
-from service._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
-from service.app import ServiceRuntime
-from service.core import SamplingService
-from service.embedded_redis import EmbeddedRedis
-from service.grpc_server import SERVICE_NAME, NegativeSamplerServicer, create_grpc_server
-from service.harness import local_settings
-from service.registry import CodebookRegistry
-from service.settings import Settings
-from service.store import CodebookStore
-from service.tensors import from_tensor
+from esans_service.app import ServiceRuntime
+from esans_service.core import SamplingService
+from esans_service.embedded_redis import EmbeddedRedis
+from esans_service.grpc_server import SERVICE_NAME, NegativeSamplerServicer, create_grpc_server
+from esans_service.harness import local_settings
+from esans_service.registry import CodebookRegistry
+from esans_service.settings import Settings
+from esans_service.store import CodebookStore
 
 Stub = sampler_pb2_grpc.NegativeSamplerStub
 

@@ -18,13 +18,13 @@ import pytest
 from conftest import build_random_artifact
 
 from esans_sampler.artifact import artifact_to_files, save_artifact
-from service._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
-from service.app import ServiceRuntime
-from service.embedded_redis import EmbeddedRedis
-from service.harness import local_settings
-from service.settings import Settings
-from service.store import CodebookStore
-from service.tensors import from_json, from_tensor
+from esans_sampler.contract._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
+from esans_sampler.contract.tensors import from_json, from_tensor
+from esans_service.app import ServiceRuntime
+from esans_service.embedded_redis import EmbeddedRedis
+from esans_service.harness import local_settings
+from esans_service.settings import Settings
+from esans_service.store import CodebookStore
 
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

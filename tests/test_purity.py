@@ -44,19 +44,13 @@ def test_sampling_path_does_not_import_torch(statement: str) -> None:
 
 
 # Which first-party packages each may import (arrows run one way: adapters -> core). The
-# CLI is the composition root. Known debt, listed so that nothing new joins it: the gRPC and
-# async clients still read the generated proto code and the wire codec from ``service``
-# until the contract has a package of its own.
-FIRST_PARTY = ("esans_sampler", "esans_cli", "service", "esans_eval")
+# CLI is the composition root; the clients and the servers share esans_sampler.contract.
+FIRST_PARTY = ("esans_sampler", "esans_cli", "esans_service", "esans_eval")
 ALLOWED = {
     "esans_sampler": {"esans_sampler"},
-    "service": {"esans_sampler", "service"},
-    "esans_eval": {"esans_sampler", "service", "esans_eval"},
+    "esans_service": {"esans_sampler", "esans_service"},
+    "esans_eval": {"esans_sampler", "esans_service", "esans_eval"},
     "esans_cli": set(FIRST_PARTY),
-}
-KNOWN_WRONG_WAY = {
-    ("esans_sampler/client.py", "service"),
-    ("esans_sampler/async_client.py", "service"),
 }
 
 
@@ -83,9 +77,7 @@ def test_imports_run_one_way_into_the_core() -> None:
             if "_proto" in path.parts:
                 continue
             rel = path.relative_to(ROOT).as_posix()
-            for target in sorted(_first_party_imports(path) - allowed):
-                if (rel, target) not in KNOWN_WRONG_WAY:
-                    wrong.append(f"{rel} imports {target}")
+            wrong += [f"{rel} imports {t}" for t in sorted(_first_party_imports(path) - allowed)]
     assert not wrong, "wrong-way imports:\n" + "\n".join(wrong)
     # The scan sees imports inside functions (the CLI's lazy ones, for instance).
-    assert "service" in _first_party_imports(ROOT / "esans_cli" / "serve.py")
+    assert "esans_service" in _first_party_imports(ROOT / "esans_cli" / "serve.py")

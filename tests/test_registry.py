@@ -21,9 +21,9 @@ from esans_sampler.errors import (
     NotFoundError,
     UnavailableError,
 )
-from service.embedded_redis import EmbeddedRedis
-from service.registry import CodebookRegistry, load_codebook
-from service.store import CodebookStore
+from esans_service.embedded_redis import EmbeddedRedis
+from esans_service.registry import CodebookRegistry, load_codebook
+from esans_service.store import CodebookStore
 
 ArtifactFactory = Callable[..., CodebookArtifact]
 

@@ -41,13 +41,13 @@ from esans_sampler.artifact import CodebookArtifact, artifact_to_files
 from esans_sampler.client import HttpSamplerClient, SamplerClient, SampleResponse
 from esans_sampler.cluster_choice import cluster_choice_matrix
 from esans_sampler.cluster_index import ClusterIndex
+from esans_sampler.contract._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
 from esans_sampler.errors import InvalidInputError, ResourceExhaustedError
-from service._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
-from service.app import ServiceRuntime
-from service.embedded_redis import EmbeddedRedis
-from service.harness import local_settings
-from service.settings import Settings
-from service.store import CodebookStore
+from esans_service.app import ServiceRuntime
+from esans_service.embedded_redis import EmbeddedRedis
+from esans_service.harness import local_settings
+from esans_service.settings import Settings
+from esans_service.store import CodebookStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "reliability-admin-token-0123456789"

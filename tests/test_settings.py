@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from esans_sampler.errors import InvalidInputError
-from service.settings import GRPC_MESSAGE_LIMIT, Settings, load_settings, response_bytes
+from esans_service.settings import GRPC_MESSAGE_LIMIT, Settings, load_settings, response_bytes
 
 TOKEN = "x" * 32
 
@@ -73,7 +73,7 @@ def test_explicit_message_limit_is_kept() -> None:
 def test_available_cpus_honours_a_container_cpu_limit(
     tmp_path: Path, cpu_max: str, expected_at_most: int | None
 ) -> None:
-    from service.settings import available_cpus
+    from esans_service.settings import available_cpus
 
     path = tmp_path / "cpu.max"
     path.write_text(cpu_max)

@@ -25,8 +25,8 @@ from esans_sampler.errors import (
     InvalidInputError,
     NotFoundError,
 )
-from service.embedded_redis import EmbeddedRedis
-from service.store import CodebookStore, parse_event
+from esans_service.embedded_redis import EmbeddedRedis
+from esans_service.store import CodebookStore, parse_event
 
 ArtifactFactory = Callable[..., CodebookArtifact]
 

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
+from esans_sampler.contract._proto.esans.v1 import sampler_pb2
+from esans_sampler.contract.tensors import from_json, from_tensor, to_json, to_tensor
 from esans_sampler.errors import InvalidInputError
-from service._proto.esans.v1 import sampler_pb2
-from service.tensors import from_json, from_tensor, to_json, to_tensor
 
 ARRAYS = [
     np.arange(12, dtype=np.int64).reshape(3, 4) - 6,

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from esans_sampler.errors import InvalidInputError, PayloadTooLargeError
-from service.uploads import unpack_upload
+from esans_service.uploads import unpack_upload
 
 LIMIT = 1 << 20
 

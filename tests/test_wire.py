@@ -1,4 +1,4 @@
-"""service.wire: responses written from numpy buffers, read back as views; the protobuf
+"""The wire codec: responses written from numpy buffers, read back as views; the protobuf
 classes are the reference (same bytes out, same arrays in)."""
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ import pytest
 from conftest import build_random_artifact
 
 from esans_sampler.artifact import artifact_to_files
-from service._proto.esans.v1 import sampler_pb2
-from service.core import SampleRequest, SampleResult, SamplingService
-from service.embedded_redis import EmbeddedRedis
-from service.grpc_server import response_bytes
-from service.registry import CodebookRegistry
-from service.settings import Settings
-from service.store import CodebookStore
-from service.tensors import fill_tensor, from_tensor
-from service.wire import WireFormatError, decode_sample_response
+from esans_sampler.contract._proto.esans.v1 import sampler_pb2
+from esans_sampler.contract.messages import SampleRequest
+from esans_sampler.contract.tensors import fill_tensor, from_tensor
+from esans_sampler.contract.wire import WireFormatError, decode_sample_response
+from esans_service.core import SampleResult, SamplingService
+from esans_service.embedded_redis import EmbeddedRedis
+from esans_service.grpc_server import response_bytes
+from esans_service.registry import CodebookRegistry
+from esans_service.settings import Settings
+from esans_service.store import CodebookStore
 
 SAMPLE = (
     "positive_primary", "positive_secondary", "simple_ids", "simple_clusters", "simple_log_q",
@@ -101,8 +102,8 @@ def test_decoding_matches_protobuf(service: SamplingService, fields: dict[str, A
             np.testing.assert_array_equal(
                 decoded.embeddings[name], from_tensor(getattr(message.embeddings, name))
             )
-        assert decoded.eta == message.embeddings.eta
-        assert decoded.hard_lambda == message.embeddings.hard_lambda
+        assert decoded.scalars["eta"] == message.embeddings.eta
+        assert decoded.scalars["hard_lambda"] == message.embeddings.hard_lambda
     else:
         assert decoded.embeddings is None
 

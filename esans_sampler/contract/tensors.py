@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from esans_sampler.contract._proto.esans.v1 import sampler_pb2
 from esans_sampler.errors import InvalidInputError
-from service._proto.esans.v1 import sampler_pb2
 
 # Canonical little-endian wire dtypes, by proto enum and by JSON name.
 _WIRE_DTYPES: dict[sampler_pb2.DType, np.dtype[Any]] = {

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service._proto.esans.v1 import sampler_pb2
+from esans_sampler.contract._proto.esans.v1 import sampler_pb2
 
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 _DOUBLE = struct.Struct("<d")
@@ -55,6 +55,7 @@ _RESPONSE_NAMES = {f.number: f.name for f in _RESPONSE.fields}
 RESPONSE_TENSOR_NAMES = tuple(_RESPONSE_TENSORS.values())
 EMBEDDING_TENSOR_NAMES = tuple(_EMBEDDING_TENSORS.values())
 _EMBEDDING_SCALARS = {f.number: f.name for f in _EMBEDDINGS.fields if f.type == f.TYPE_DOUBLE}
+EMBEDDING_SCALAR_NAMES = tuple(_EMBEDDING_SCALARS.values())
 
 Parts = list[bytes | memoryview]
 
@@ -112,11 +113,11 @@ def encode_sample_response(
     sampler_kind: int,
     tensors: dict[str, npt.ArrayLike],
     embeddings: dict[str, npt.ArrayLike] | None,
-    eta: float = 0.0,
-    hard_lambda: float = 0.0,
+    scalars: dict[str, float] | None = None,
 ) -> bytes:
     """The serialised ``SampleNegativesResponse``: ``tensors`` by response field name,
-    ``embeddings`` (None: the field is absent) by ``Embeddings`` field name."""
+    ``embeddings`` (None: the field is absent) by ``Embeddings`` field name, with its
+    ``scalars`` (eta, hard_lambda) by name."""
     parts: Parts = []
     fields = _RESPONSE.fields_by_name
     if codebook_version:
@@ -132,8 +133,8 @@ def encode_sample_response(
         for field in _EMBEDDINGS.fields:
             if field.name in embeddings:
                 _length_delimited(body, field.number, _tensor_body(embeddings[field.name]))
-        _double(body, _EMBEDDINGS.fields_by_name["eta"].number, eta)
-        _double(body, _EMBEDDINGS.fields_by_name["hard_lambda"].number, hard_lambda)
+            elif field.number in _EMBEDDING_SCALARS:
+                _double(body, field.number, (scalars or {}).get(field.name, 0.0))
         _length_delimited(parts, fields["embeddings"].number, body)
     return b"".join(parts)
 
@@ -213,8 +214,7 @@ class DecodedResponse:
     sampler_kind: int
     tensors: dict[str, npt.NDArray[Any]]
     embeddings: dict[str, npt.NDArray[Any]] | None
-    eta: float
-    hard_lambda: float
+    scalars: dict[str, float]  # the embeddings' doubles (eta, hard_lambda); 0.0 when absent
 
 
 def decode_sample_response(data: bytes) -> DecodedResponse:
@@ -225,7 +225,7 @@ def decode_sample_response(data: bytes) -> DecodedResponse:
     version, kind = "", 0
     tensors: dict[str, npt.NDArray[Any]] = {}
     embeddings: dict[str, npt.NDArray[Any]] | None = None
-    eta = hard_lambda = 0.0
+    scalars = dict.fromkeys(EMBEDDING_SCALAR_NAMES, 0.0)
     for number, wire_type, a, b in _fields(data, 0, len(data)):
         name = _RESPONSE_NAMES.get(number)  # None: a field added after this client was built
         if number in _RESPONSE_TENSORS and wire_type == _LENGTH:
@@ -235,18 +235,18 @@ def decode_sample_response(data: bytes) -> DecodedResponse:
         elif name == "sampler" and wire_type == _VARINT:
             kind = a
         elif name == "embeddings" and wire_type == _LENGTH:
-            embeddings, eta, hard_lambda = _decode_embeddings(data, a, b)
-    return DecodedResponse(version, kind, tensors, embeddings, eta, hard_lambda)
+            embeddings, scalars = _decode_embeddings(data, a, b)
+    return DecodedResponse(version, kind, tensors, embeddings, scalars)
 
 
 def _decode_embeddings(
     data: bytes, start: int, stop: int
-) -> tuple[dict[str, npt.NDArray[Any]], float, float]:
+) -> tuple[dict[str, npt.NDArray[Any]], dict[str, float]]:
     tensors: dict[str, npt.NDArray[Any]] = {}
-    scalars = {"eta": 0.0, "hard_lambda": 0.0}
+    scalars = dict.fromkeys(EMBEDDING_SCALAR_NAMES, 0.0)
     for number, wire_type, a, b in _fields(data, start, stop):
         if number in _EMBEDDING_TENSORS and wire_type == _LENGTH:
             tensors[_EMBEDDING_TENSORS[number]] = _decode_tensor(data, a, b)
         elif number in _EMBEDDING_SCALARS and wire_type == _FIXED64:
             scalars[_EMBEDDING_SCALARS[number]] = _DOUBLE.unpack_from(data, a)[0]
-    return tensors, scalars["eta"], scalars["hard_lambda"]
+    return tensors, scalars

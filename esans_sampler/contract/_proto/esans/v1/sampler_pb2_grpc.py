@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service._proto.esans.v1 import sampler_pb2 as esans_dot_v1_dot_sampler__pb2
+from esans_sampler.contract._proto.esans.v1 import sampler_pb2 as esans_dot_v1_dot_sampler__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
