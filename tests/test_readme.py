@@ -6,19 +6,17 @@ free ones)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+
+from esans_service.harness import free_port, serve_process, wait_until_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -27,12 +25,6 @@ ESANS = [sys.executable, "-m", "esans_cli"]
 
 def _blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _localise(command: str, grpc_port: int, http_port: int) -> str:
@@ -45,30 +37,19 @@ def _localise(command: str, grpc_port: int, http_port: int) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
+    """``esans serve --demo`` as the quickstart runs it: embedded Redis, demo catalogue."""
     work = tmp_path_factory.mktemp("readme")
-    env = {**os.environ, "ESANS_DATA_DIR": str(work / "redis")}
-    env.pop("ESANS_REDIS_URL", None)
-    grpc_port, http_port = _free_port(), _free_port()
-    command = [*ESANS, "serve", "--demo", "--demo-dir", str(work / "demo")]
-    proc = subprocess.Popen(
-        [*command, "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    grpc_port, http_port = free_port(), free_port()
+    log = work / "serve.log"
+    demo = ["--demo", "--demo-dir", str(work / "demo")]
+    proc = serve_process(None, work, log, grpc_port, http_port, args=demo, log_level="INFO")
     try:
-        deadline = time.monotonic() + 300  # the demo build takes ~40 s on 2 idle cores
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, "esans serve exited during start"
-            assert time.monotonic() < deadline, "esans serve did not become ready"
-            time.sleep(0.2)
+        # The demo build takes ~40 s on 2 idle cores.
+        wait_until_serving(proc, f"http://127.0.0.1:{http_port}", None, log, timeout_s=300)
         yield grpc_port, http_port
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
 
 
 def test_quickstart_names_the_ci_command() -> None:

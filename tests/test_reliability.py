@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
 import signal
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -45,7 +43,7 @@ from esans_sampler.contract._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
 from esans_sampler.errors import InvalidInputError, ResourceExhaustedError
 from esans_service.app import ServiceRuntime
 from esans_service.embedded_redis import EmbeddedRedis
-from esans_service.harness import local_settings
+from esans_service.harness import local_settings, serve_process
 from esans_service.settings import Settings
 from esans_service.store import CodebookStore
 
@@ -500,28 +498,14 @@ def test_overload_is_refused_before_any_work_and_admitted_calls_succeed(
 
 
 def _serve_process(redis_url: str, log: Path, grace_s: float) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ESANS_")}
-    env |= {
-        "ESANS_REDIS_URL": redis_url,
-        "ESANS_REDIS_NAMESPACE": "sigterm",
-        "ESANS_GRPC_HOST": "127.0.0.1",
-        "ESANS_GRPC_PORT": "0",
-        "ESANS_HTTP_HOST": "127.0.0.1",
-        "ESANS_HTTP_PORT": "0",
-        "ESANS_SHUTDOWN_GRACE_S": str(grace_s),
-        # Room for every client of the LONG scale: a refusal here must come from the drain,
-        # not from max_concurrency (2 x CPUs by default, 4 on a 2-vCPU CI box).
-        "ESANS_MAX_CONCURRENCY": "16",
-    }
-    with log.open("wb") as sink:
-        return subprocess.Popen(
-            [sys.executable, "-m", "esans_cli", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+    # Room for every client of the LONG scale: a refusal here must come from the drain, not
+    # from max_concurrency (2 x CPUs by default, 4 on a 2-vCPU CI box). Ports are chosen by
+    # the server and read from its log.
+    return serve_process(
+        redis_url, log.parent, log, 0, 0,
+        redis_namespace="sigterm", shutdown_grace_s=grace_s, max_concurrency=16,
+        log_level="INFO",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("scale", SCALES)
