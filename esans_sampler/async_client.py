@@ -11,7 +11,14 @@ from typing import Any, Self
 import numpy.typing as npt
 
 from esans_sampler import errors
-from esans_sampler.client import DEFAULT_MAX_MESSAGE_BYTES, build_request, channel_options
+from esans_sampler.client import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    TlsConfig,
+    build_request,
+    call_metadata,
+    channel_credentials,
+    channel_options,
+)
 from esans_sampler.contract._proto.esans.v1 import sampler_pb2
 from esans_sampler.contract.messages import (
     INFO_METHOD,
@@ -39,14 +46,20 @@ class AsyncSamplerClient:
         retries: int = 3,
         backoff_s: float = 0.05,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
     ) -> None:
         import grpc
         import grpc.aio
 
         self._grpc = grpc
-        self._channel = grpc.aio.insecure_channel(
-            target, options=channel_options(max_message_bytes)
-        )
+        options = channel_options(max_message_bytes, tls)
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            credentials = channel_credentials(tls)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._metadata = call_metadata(token)
         self._sample_raw = self._channel.unary_unary(
             SAMPLE_METHOD,
             request_serializer=sampler_pb2.SampleNegativesRequest.SerializeToString,
@@ -95,7 +108,8 @@ class AsyncSamplerClient:
         attempt = 0
         while True:
             try:
-                return await method(request, timeout=max(deadline - time.monotonic(), 0.001))
+                remaining = max(deadline - time.monotonic(), 0.001)
+                return await method(request, timeout=remaining, metadata=self._metadata)
             except self._grpc.aio.AioRpcError as exc:
                 error = error_for(exc.code().name, exc.details() or str(exc))
                 if not isinstance(error, errors.UnavailableError):

@@ -7,10 +7,13 @@ so ``except InvalidInputError`` works whichever transport is used.
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import numpy as np
@@ -41,6 +44,7 @@ __all__ = [
     "SampleResponse",
     "SampledEmbeddings",
     "SamplerClient",
+    "TlsConfig",
     "build_request",
 ]
 
@@ -208,11 +212,18 @@ class SamplerClient(_SamplerClientBase):
         retries: int = 3,
         backoff_s: float = 0.05,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
     ) -> None:
         import grpc
 
         self._grpc = grpc
-        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        options = channel_options(max_message_bytes, tls)
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, channel_credentials(tls), options=options)
+        self._metadata = call_metadata(token)
         # SampleNegatives replies are read by the contract's wire codec straight into numpy
         # (no parse copy).
         self._sample_raw = self._channel.unary_unary(
@@ -235,7 +246,7 @@ class SamplerClient(_SamplerClientBase):
     def _call(self, method: Callable[..., Any], request: Any, timeout_s: float) -> Any:
         def once(remaining: float) -> Any:
             try:
-                return method(request, timeout=remaining)
+                return method(request, timeout=remaining, metadata=self._metadata)
             except self._grpc.RpcError as exc:
                 raise error_for(exc.code().name, exc.details() or str(exc)) from exc
 
@@ -250,12 +261,59 @@ class SamplerClient(_SamplerClientBase):
         return info_from_proto(self._call(self._info, message, timeout_s))
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """gRPC channel options of both clients: message limits in both directions."""
-    return [
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for the clients. ``ca_file``: PEM CAs that verify the server (None: the system's
+    roots); ``cert_file`` and ``key_file``: the client's own certificate, for servers that
+    require one (mTLS); ``server_name``: the name to check in the server's certificate when
+    it differs from the host dialled (gRPC only; HTTP checks the URL's host)."""
+
+    ca_file: str | Path | None = None
+    cert_file: str | Path | None = None
+    key_file: str | Path | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise errors.InvalidInputError("TlsConfig needs cert_file and key_file together")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The HTTPS client context of this configuration."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file is not None and self.key_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def channel_credentials(tls: TlsConfig) -> Any:
+    """gRPC channel credentials of ``tls`` (both gRPC clients)."""
+    import grpc
+
+    def read(path: str | Path | None) -> bytes | None:
+        return None if path is None else Path(path).read_bytes()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(tls.ca_file),
+        private_key=read(tls.key_file),
+        certificate_chain=read(tls.cert_file),
+    )
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The gRPC metadata that carries a sampling token (both gRPC clients)."""
+    return None if token is None else (("authorization", f"Bearer {token}"),)
+
+
+def channel_options(max_message_bytes: int, tls: TlsConfig | None = None) -> list[tuple[str, Any]]:
+    """gRPC channel options of both clients: message limits in both directions, and the
+    server name to verify when it is not the dialled host."""
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
+    if tls is not None and tls.server_name is not None:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return options
 
 
 class HttpSamplerClient(_SamplerClientBase):
@@ -267,11 +325,17 @@ class HttpSamplerClient(_SamplerClientBase):
         timeout_s: float = 5.0,
         retries: int = 3,
         backoff_s: float = 0.05,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
     ) -> None:
         import httpx
 
         self._httpx = httpx
-        self._client = httpx.Client(base_url=base_url, timeout=timeout_s)
+        headers = {} if token is None else {"authorization": f"Bearer {token}"}
+        verify: ssl.SSLContext | bool = True if tls is None else tls.ssl_context()
+        self._client = httpx.Client(
+            base_url=base_url, timeout=timeout_s, headers=headers, verify=verify
+        )
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s

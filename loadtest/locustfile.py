@@ -18,6 +18,9 @@ Configuration (environment; ``loadtest/run.py`` sets all of them):
 ``LOADTEST_IDS``    an ``.npy`` of catalogue ids to draw positives from; default the
                   demo catalogue's ids 1000000..1019999
 ``LOADTEST_BATCH``  B, default 512
+``LOADTEST_CA``     PEM CA of a TLS server: gRPC over TLS (use an ``https://`` HTTP URL)
+``LOADTEST_CERT``, ``LOADTEST_KEY``  a client certificate and key, for mTLS servers
+``LOADTEST_TOKEN``  a sampling token (``ESANS_SAMPLE_TOKENS_FILE`` on the server)
 
     locust -f loadtest/locustfile.py --headless -u 8 -r 8 -t 30s --only-summary
 
@@ -40,6 +43,7 @@ from locust import HttpUser, User, constant, task
 from locust.env import Environment
 from locust.exception import LocustError
 
+from esans_sampler.client import TlsConfig, call_metadata, channel_credentials, channel_options
 from esans_sampler.contract._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
 
 # gRPC must cooperate with locust's gevent loop; this has to run before any channel exists.
@@ -70,6 +74,10 @@ def load_ids() -> npt.NDArray[np.int64]:
 
 CATALOGUE_IDS = load_ids()
 BATCH = int(_env("LOADTEST_BATCH", "512"))
+_CA, _CERT, _KEY = _env("LOADTEST_CA", ""), _env("LOADTEST_CERT", ""), _env("LOADTEST_KEY", "")
+TLS = TlsConfig(ca_file=_CA, cert_file=_CERT or None, key_file=_KEY or None) if _CA else None
+TOKEN = _env("LOADTEST_TOKEN", "") or None
+TOKEN_METADATA = call_metadata(TOKEN) or ()
 
 
 class _CallDetails(NamedTuple):
@@ -142,13 +150,12 @@ class GrpcUser(User):
         super().__init__(environment)
         if self.host is None or self.stub_class is None:
             raise LocustError("a GrpcUser needs host and stub_class")
-        self._channel = grpc.insecure_channel(
-            self.host,
-            options=[
-                ("grpc.max_receive_message_length", 1 << 30),
-                ("grpc.max_send_message_length", 1 << 30),
-            ],
-        )
+        options = channel_options(1 << 30, TLS)
+        if TLS is None:
+            self._channel = grpc.insecure_channel(self.host, options=options)
+        else:
+            credentials = channel_credentials(TLS)
+            self._channel = grpc.secure_channel(self.host, credentials, options=options)
         channel = grpc.intercept_channel(self._channel, LocustInterceptor(environment))
         self.stub = self.stub_class(channel)
 
@@ -156,7 +163,7 @@ class GrpcUser(User):
         """``stub.method(request)`` reported as ``name``; None if the call failed."""
         try:
             return getattr(self.stub, method)(
-                request, timeout=CALL_TIMEOUT_S, metadata=((NAME_KEY, name),)
+                request, timeout=CALL_TIMEOUT_S, metadata=((NAME_KEY, name), *TOKEN_METADATA)
             )
         except grpc.RpcError:
             return None
@@ -220,6 +227,12 @@ class SamplerHttpUser(HttpUser):
 
     def on_start(self) -> None:
         self.rng = np.random.default_rng()
+        if TLS is not None:
+            self.client.verify = str(TLS.ca_file)
+            if TLS.cert_file is not None:
+                self.client.cert = (str(TLS.cert_file), str(TLS.key_file))
+        if TOKEN is not None:
+            self.client.headers["authorization"] = f"Bearer {TOKEN}"
 
     @task(8)
     def sample_ids(self) -> None:

@@ -16,8 +16,10 @@ import logging
 import math
 import signal
 import socket
+import ssl
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import redis
@@ -31,8 +33,10 @@ from esans_service.embedded_redis import EmbeddedRedis, running_embedded_url
 from esans_service.errors import PortUnavailableError
 from esans_service.grpc_server import GrpcServer, create_grpc_server
 from esans_service.http_app import create_app
+from esans_service.http_limits import deadline_protocol
 from esans_service.metrics import ServiceMetrics
 from esans_service.registry import CodebookRegistry
+from esans_service.security import CredentialFiles, FileWatcher, SampleTokens
 from esans_service.settings import Settings
 from esans_service.store import CodebookStore
 
@@ -125,6 +129,10 @@ class ServiceRuntime:
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._http_socket: socket.socket | None = None
+        self._credentials: CredentialFiles | None = None
+        self._http_tls: ssl.SSLContext | None = None
+        self._tokens: SampleTokens | None = None
+        self._watcher: FileWatcher | None = None
         self._stopped = False
 
     @property
@@ -149,6 +157,7 @@ class ServiceRuntime:
         """Connect Redis, load the active codebook (if any) and start both servers."""
         s = self.settings
         try:
+            self._start_security()
             self._client, self._embedded = connect_redis(s)
             self._store = CodebookStore(
                 self._client, namespace=s.redis_namespace, keep_versions=s.keep_versions
@@ -169,21 +178,70 @@ class ServiceRuntime:
                     "no active codebook in the store yet: sampling answers UNAVAILABLE until "
                     "one is published (esans publish)"
                 )
-            self._grpc, self.grpc_port = create_grpc_server(s, self._service)
+            self._grpc, self.grpc_port = create_grpc_server(
+                s, self._service, self._credentials, self._tokens
+            )
             self._grpc.start()
             self._start_http()
         except BaseException:
             self.stop(grace=0)
             raise
         logger.info(
-            "esans-sampler serving: gRPC on %s:%d, HTTP on %s:%d, codebook %s",
+            "esans-sampler serving: gRPC on %s:%d, HTTP on %s:%d, codebook %s%s",
             s.grpc_host,
             self.grpc_port,
             s.http_host,
             self.http_port,
             registry.active_version or "none yet",
+            self._security_summary(),
         )
         return self
+
+    def _start_security(self) -> None:
+        """Read the TLS and token files (a bad one stops the start) and watch them."""
+        s = self.settings
+        if s.tls_cert_file is not None and s.tls_key_file is not None:
+            self._credentials = CredentialFiles(
+                s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file
+            )
+        if s.sample_tokens_file is not None:
+            admin = s.admin_token.get_secret_value() if s.admin_token is not None else None
+            self._tokens = SampleTokens(s.sample_tokens_file, admin_token=admin)
+        checks: list[Callable[[bool], bool]] = []
+        if self._credentials is not None:
+            checks.append(self._reload_tls)
+        if self._tokens is not None:
+            checks.append(self._reload_tokens)
+        self._watcher = FileWatcher(checks, s.tls_reload_interval_s).start()
+
+    def _reload_tls(self, force: bool) -> bool:
+        assert self._credentials is not None
+        if not self._credentials.check(force):
+            return False
+        if self._http_tls is not None:
+            self._credentials.load_into(self._http_tls)  # gRPC asks on its next handshake
+        self.metrics.credential_reloads.labels(kind="tls").inc()
+        return True
+
+    def _reload_tokens(self, force: bool) -> bool:
+        assert self._tokens is not None
+        changed = self._tokens.check(force)
+        if changed:
+            self.metrics.credential_reloads.labels(kind="tokens").inc()
+        return changed
+
+    def reload_credentials(self) -> None:
+        """Re-read the certificate and token files now (SIGHUP)."""
+        if self._watcher is not None:
+            self._watcher.now()
+
+    def _security_summary(self) -> str:
+        parts = []
+        if self._credentials is not None:
+            parts.append("mTLS" if self._credentials.mutual else "TLS")
+        if self._tokens is not None:
+            parts.append(f"sampling tokens for {len(self._tokens.names)} trainers")
+        return f" ({', '.join(parts)})" if parts else " (plaintext, no sampling tokens)"
 
     def _on_swap(self, version: str) -> None:
         self.metrics.codebook_swapped(version)
@@ -192,7 +250,7 @@ class ServiceRuntime:
 
     def _start_http(self) -> None:
         s = self.settings
-        app = create_app(s, self.service, self.store, self.registry)
+        app = create_app(s, self.service, self.store, self.registry, self._tokens)
         sock = _bind(s.http_host, s.http_port)
         self.http_port = int(sock.getsockname()[1])
         config = uvicorn.Config(
@@ -201,7 +259,15 @@ class ServiceRuntime:
             log_level=s.log_level.lower(),
             lifespan="off",
             timeout_graceful_shutdown=math.ceil(s.shutdown_grace_s),
+            http=deadline_protocol(s.http_header_timeout_s),
+            limit_concurrency=s.http_max_connections,
+            timeout_keep_alive=math.ceil(s.http_keep_alive_s),
         )
+        config.load()
+        if self._credentials is not None:
+            # Our own context, so a rotated certificate can be loaded into it in place.
+            self._http_tls = self._credentials.server_context()
+            config.ssl = self._http_tls
         server = uvicorn.Server(config)
         thread = threading.Thread(
             target=server.run, kwargs={"sockets": [sock]}, name="esans-http", daemon=True
@@ -249,6 +315,10 @@ class ServiceRuntime:
                 logger.warning("the HTTP server did not stop within the grace period")
         if self._http_socket is not None:
             self._http_socket.close()  # uvicorn served on it; closing twice is harmless
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._credentials is not None:
+            self._credentials.close()
         if self._registry is not None:
             self._registry.stop()
         if self._client is not None:
@@ -291,9 +361,19 @@ def run_server(settings: Settings) -> None:
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     runtime = ServiceRuntime(settings)
+    reload = threading.Event()
+
+    def request_reload(signum: int, frame: FrameType | None) -> None:
+        reload.set()
+
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, request_reload)
     try:
         runtime.start()
         while not stop.wait(0.5):
+            if reload.is_set():
+                reload.clear()
+                logger.info("received SIGHUP: re-reading the certificate and token files")
+                runtime.reload_credentials()
             if not runtime.healthy:
                 logger.error("the HTTP server stopped unexpectedly; shutting down")
                 break

@@ -20,9 +20,11 @@ from grpc_reflection.v1alpha import reflection
 
 from esans_sampler.contract._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
 from esans_sampler.contract.messages import info_to_proto, request_from_proto, response_to_bytes
+from esans_sampler.errors import UnauthenticatedError
 from esans_service.core import SampleResult, SamplingService
 from esans_service.errors import ErrorReport, PortUnavailableError, describe
 from esans_service.metrics import ServiceMetrics
+from esans_service.security import CredentialFiles, SampleTokens, TlsMaterial
 from esans_service.settings import MIB, Settings
 
 logger = logging.getLogger(__name__)
@@ -77,10 +79,13 @@ class NegativeSamplerServicer(sampler_pb2_grpc.NegativeSamplerServicer):
 
 
 class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Maps exceptions of ``esans.v1`` methods to status codes (once) and records metrics."""
+    """Maps exceptions of ``esans.v1`` methods to status codes (once) and records metrics;
+    with ``tokens``, a call without a valid sampling token is UNAUTHENTICATED before any
+    work (health and reflection stay open for probes)."""
 
-    def __init__(self, metrics: ServiceMetrics) -> None:
+    def __init__(self, metrics: ServiceMetrics, tokens: SampleTokens | None = None) -> None:
         self._metrics = metrics
+        self._tokens = tokens
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], handler_call_details: Any
@@ -102,6 +107,8 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             failure: ErrorReport | None = None
             with self._metrics.track("grpc", method) as outcome:
                 try:
+                    if self._tokens is not None:
+                        self._authenticate(context, method)
                     return behavior(request, context)
                 except Exception as exc:
                     failure = describe(exc)
@@ -109,6 +116,19 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             context.abort(failure.grpc_code, failure.message)  # raises
 
         return mapped
+
+    def _authenticate(self, context: grpc.ServicerContext, method: str) -> None:
+        assert self._tokens is not None
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            name = self._tokens.authenticate(metadata.get("authorization"))
+        except UnauthenticatedError:
+            self._metrics.unauthenticated.labels(transport="grpc").inc()
+            logger.warning(
+                "gRPC %s from %s refused: no valid sampling token", method, context.peer()
+            )
+            raise
+        self._metrics.trainer_calls.labels(trainer=name, transport="grpc").inc()
 
 
 # ----------------------------------------------------------------------------- server
@@ -153,6 +173,29 @@ class GrpcServer:
         return bool(self.server.wait_for_termination(timeout))
 
 
+def server_credentials(files: CredentialFiles) -> grpc.ServerCredentials:
+    """TLS credentials that follow ``files``: gRPC asks before each handshake and gets the
+    new certificate once the files changed."""
+    served = files.material
+
+    def configuration(material: TlsMaterial) -> Any:
+        return grpc.ssl_server_certificate_configuration(
+            [(material.key, material.cert)], root_certificates=material.client_ca
+        )
+
+    def fetch() -> Any:
+        nonlocal served
+        current = files.material
+        if current.generation == served.generation:
+            return None  # unchanged
+        served = current
+        return configuration(current)
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(served), fetch, require_client_authentication=files.mutual
+    )
+
+
 def _already_serialised(response: bytes) -> bytes:
     return response
 
@@ -174,8 +217,15 @@ def _sampler_handlers(servicer: NegativeSamplerServicer) -> grpc.GenericRpcHandl
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
-def create_grpc_server(settings: Settings, service: SamplingService) -> tuple[GrpcServer, int]:
-    """An unstarted server bound to ``settings.grpc_host:grpc_port`` (0 = a free port).
+def create_grpc_server(
+    settings: Settings,
+    service: SamplingService,
+    credentials: CredentialFiles | None = None,
+    tokens: SampleTokens | None = None,
+) -> tuple[GrpcServer, int]:
+    """An unstarted server bound to ``settings.grpc_host:grpc_port`` (0 = a free port), over
+    TLS with ``credentials`` (re-read on each handshake after they change), sampling behind
+    ``tokens`` when given.
 
     Returns the server and the bound port. Raises :class:`PortUnavailableError` (one line
     naming the port and its setting) if it cannot bind.
@@ -185,11 +235,19 @@ def create_grpc_server(settings: Settings, service: SamplingService) -> tuple[Gr
     max_receive = max(4 * MIB, 11 * settings.max_batch + 64 * 1024)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="esans-grpc"),
-        interceptors=[ErrorMappingInterceptor(service.metrics)],
+        interceptors=[ErrorMappingInterceptor(service.metrics, tokens)],
         options=[
             ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
             ("grpc.max_receive_message_length", max_receive),
             ("grpc.so_reuseport", 0),
+            # Limits against abuse: calls per connection, ping floods, idle connections.
+            ("grpc.max_concurrent_streams", settings.grpc_max_streams_per_connection),
+            (
+                "grpc.http2.min_ping_interval_without_data_ms",
+                int(settings.grpc_min_ping_interval_s * 1000),
+            ),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.max_connection_idle_ms", int(settings.grpc_max_connection_idle_s * 1000)),
         ],
         maximum_concurrent_rpcs=workers * _QUEUED_PER_WORKER,
     )
@@ -201,7 +259,10 @@ def create_grpc_server(settings: Settings, service: SamplingService) -> tuple[Gr
     )
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     try:
-        port = int(server.add_insecure_port(address))
+        if credentials is None:
+            port = int(server.add_insecure_port(address))
+        else:
+            port = int(server.add_secure_port(address, server_credentials(credentials)))
     except RuntimeError as exc:
         port = 0
         cause: Exception | None = exc

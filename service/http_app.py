@@ -43,11 +43,14 @@ from esans_sampler.errors import (
 )
 from esans_service.core import SampleResult, SamplingService
 from esans_service.errors import ErrorReport, describe, status_code
+from esans_service.http_limits import BodyLimit
 from esans_service.registry import CodebookRegistry
+from esans_service.security import SampleTokens
 from esans_service.settings import Settings
 from esans_service.store import CodebookStore
 from esans_service.uploads import unpack_upload
 
+logger = logging.getLogger(__name__)
 audit = logging.getLogger("esans_service.admin")
 
 T = TypeVar("T")
@@ -116,6 +119,26 @@ def require_admin(request: Request, authorization: Annotated[str | None, Header(
     audit.info("admin %s from %s", action, client)
 
 
+def require_sampler(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    """With ``ESANS_SAMPLE_TOKENS_FILE`` set, let the call through only with one of its tokens
+    (constant-time compare); the admin token is not one of them."""
+    tokens: SampleTokens | None = request.app.state.tokens
+    if tokens is None:
+        return
+    service: SamplingService = request.app.state.service
+    try:
+        name = tokens.authenticate(authorization)
+    except UnauthenticatedError:
+        service.metrics.unauthenticated.labels(transport="http").inc()
+        client = request.client.host if request.client is not None else "unknown"
+        logger.warning("%s %s from %s refused: no valid sampling token", request.method,
+                       request.url.path, client)  # fmt: skip
+        raise
+    service.metrics.trainer_calls.labels(trainer=name, transport="http").inc()
+
+
 Service = Annotated[SamplingService, Depends(get_service)]
 Store = Annotated[CodebookStore, Depends(get_store)]
 Registry = Annotated[CodebookRegistry, Depends(get_registry)]
@@ -123,7 +146,10 @@ Registry = Annotated[CodebookRegistry, Depends(get_registry)]
 
 # ----------------------------------------------------------------------------- API routes
 
-api = APIRouter()
+api = APIRouter(dependencies=[Depends(require_sampler)])
+# Probes and metrics stay open to the kubelet and Prometheus; they tell nothing of the
+# catalogue beyond its version.
+probes = APIRouter()
 
 
 @api.post("/v1/sample")
@@ -139,13 +165,13 @@ def codebook(service: Service, version: Annotated[str, Query()] = "") -> JSONRes
     return JSONResponse(info_to_json(service.codebook_info(version or None)))
 
 
-@api.get("/healthz")
+@probes.get("/healthz")
 def healthz() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "alive"}
 
 
-@api.get("/readyz")
+@probes.get("/readyz")
 def readyz(service: Service, store: Store, registry: Registry) -> JSONResponse:
     """200 when a codebook is served (fresh from Redis, or the last good one while Redis is
     unreachable, reported as stale); 503 before the first codebook and while draining."""
@@ -172,7 +198,7 @@ def readyz(service: Service, store: Store, registry: Registry) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@api.get("/metrics")
+@probes.get("/metrics")
 def metrics(service: Service) -> Response:
     """Prometheus text exposition of this instance's metrics."""
     content, content_type = service.metrics.render()
@@ -377,8 +403,10 @@ def create_app(
     service: SamplingService,
     store: CodebookStore,
     registry: CodebookRegistry,
+    tokens: SampleTokens | None = None,
 ) -> FastAPI:
-    """The FastAPI app over ``service`` (sampling), ``store`` and ``registry`` (admin)."""
+    """The FastAPI app over ``service`` (sampling), ``store`` and ``registry`` (admin); the
+    sampling routes need one of ``tokens`` when given."""
     app = FastAPI(
         title="esans-sampler",
         version="1",
@@ -388,9 +416,17 @@ def create_app(
     app.state.service = service
     app.state.store = store
     app.state.registry = registry
+    app.state.tokens = tokens
     app.include_router(api)
+    app.include_router(probes)
     app.include_router(admin)
     for exc_class in (EsansError, RequestValidationError, StarletteHTTPException):
         app.add_exception_handler(exc_class, error_response)
     app.middleware("http")(_track_requests)
+    app.add_middleware(
+        BodyLimit,
+        limit=settings.max_request_bytes,
+        paths=("/v1/sample",),
+        setting="ESANS_MAX_REQUEST_BYTES",
+    )
     return app

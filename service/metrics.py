@@ -77,6 +77,24 @@ class ServiceMetrics:
             "Sampling requests refused because max_concurrency were already running",
             registry=r,
         )
+        self.unauthenticated = Counter(
+            "esans_unauthenticated_requests",
+            "Sampling or codebook-info calls refused for a missing or unknown token",
+            ["transport"],
+            registry=r,
+        )
+        self.trainer_calls = Counter(
+            "esans_trainer_requests",
+            "Authenticated sampling and codebook-info calls, by the token's trainer name",
+            ["trainer", "transport"],
+            registry=r,
+        )
+        self.credential_reloads = Counter(
+            "esans_credential_reloads",
+            "Certificate or token files taken anew after a change, by kind (tls, tokens)",
+            ["kind"],
+            registry=r,
+        )
         self.negatives = Counter(
             "esans_negatives_served",
             "Negatives returned, by sampler and kind (simple, hard, virtual_simple, virtual_hard)",

@@ -119,6 +119,52 @@ class Settings(BaseSettings):
     )
     log_level: LogLevel = "INFO"
 
+    # Security (README "Security"): TLS, sampling tokens and limits against abuse.
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate chain; with tls_key_file, gRPC and HTTP serve TLS only",
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of the cert")
+    tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle; set = clients must present a certificate it signed (mTLS)",
+    )
+    tls_reload_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="how often the certificate and token files are checked for changes "
+        "(SIGHUP checks at once)",
+    )
+    sample_tokens_file: Path | None = Field(
+        default=None,
+        description="'NAME TOKEN' per line; set = sampling and codebook info need "
+        "'Authorization: Bearer <token>'",
+    )
+    max_request_bytes: int = Field(
+        default=4 * MIB, ge=1024, description="largest HTTP sampling request body (413 beyond)"
+    )
+    grpc_max_streams_per_connection: int = Field(
+        default=64, ge=1, description="concurrent calls one gRPC connection may hold"
+    )
+    grpc_min_ping_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="clients pinging more often than this are disconnected (too_many_pings)",
+    )
+    grpc_max_connection_idle_s: float = Field(
+        default=600.0, gt=0, description="idle gRPC connections are closed after this"
+    )
+    http_max_connections: int = Field(
+        default=1000, ge=1, description="open HTTP connections and requests; beyond: 503"
+    )
+    http_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a request's headers must arrive within this time of the connection "
+        "(or of the previous response) or the connection is closed (slow-loris)",
+    )
+    http_keep_alive_s: float = Field(default=5.0, gt=0, description="idle HTTP keep-alive")
+
     # Request limits and defaults.
     max_batch: int = Field(default=4096, ge=1)
     max_m_c: int = Field(default=16, ge=1)
@@ -158,11 +204,19 @@ class Settings(BaseSettings):
             default, limit = getattr(self, f"default_{name}"), getattr(self, f"max_{name}")
             if default > limit:
                 raise ValueError(f"default_{name}={default} exceeds max_{name}={limit}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
         if self.grpc_max_message_bytes == 0:
             largest = response_bytes(self.max_batch, self.max_m_c, self.max_m_o, self.max_m_h)
             computed = min(GRPC_MESSAGE_LIMIT, max(_MIN_DEFAULT_MESSAGE_BYTES, 2 * largest))
             object.__setattr__(self, "grpc_max_message_bytes", computed)
         return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
 
     @property
     def admin_enabled(self) -> bool:

@@ -32,11 +32,19 @@ import schemathesis
 from conftest import build_random_artifact
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pki import Pki, make_pki
 from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 
 from esans_sampler.artifact import CodebookArtifact, artifact_to_files
-from esans_sampler.client import HttpSamplerClient, SamplerClient, SampleResponse
+from esans_sampler.client import (
+    HttpSamplerClient,
+    SamplerClient,
+    SampleResponse,
+    TlsConfig,
+    call_metadata,
+    channel_credentials,
+)
 from esans_sampler.cluster_choice import cluster_choice_matrix
 from esans_sampler.cluster_index import ClusterIndex
 from esans_sampler.contract._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
@@ -592,15 +600,34 @@ def _logged_count(log: str, prefix: str) -> int:
 # ----------------------------------------------------------------------------- fuzzing
 
 
+FUZZ_TOKEN = "fuzz-trainer-token-0123456789"
+
+
 @pytest.fixture(scope="module")
-def fuzz_runtime(redis_server: EmbeddedRedis) -> Iterator[ServiceRuntime]:
-    """A server with an active codebook and a stored one without embeddings."""
+def fuzz_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("fuzz-pki"))
+
+
+@pytest.fixture(scope="module")
+def fuzz_runtime(redis_server: EmbeddedRedis, fuzz_pki: Pki) -> Iterator[ServiceRuntime]:
+    """A server with an active codebook and a stored one without embeddings, with TLS and
+    sampling tokens on (the fuzzers run over both)."""
     with redis_server.client() as client:
         store = CodebookStore(client, namespace="fuzz")
         store.publish(artifact_to_files(build_random_artifact(seed=6, embeddings=False)), False)
         store.publish(artifact_to_files(build_random_artifact(seed=5)))
-    with serving(_settings(redis_server.url, "fuzz", admin_token=TOKEN)) as runtime:
+    tokens = fuzz_pki.path("tokens")
+    tokens.write_text(f"fuzzer {FUZZ_TOKEN}\n")
+    settings = _settings(
+        redis_server.url, "fuzz", admin_token=TOKEN, sample_tokens_file=tokens,
+        tls_cert_file=fuzz_pki.path("server.crt"), tls_key_file=fuzz_pki.path("server.key"),
+    )  # fmt: skip
+    with serving(settings) as runtime:
         yield runtime
+
+
+def fuzz_tls(pki: Pki) -> TlsConfig:
+    return TlsConfig(ca_file=pki.path("ca.crt"))
 
 
 def run_bounded(
@@ -665,18 +692,21 @@ def sample_requests(draw: st.DrawFn, known: Sequence[int], versions: Sequence[st
 
 @pytest.mark.parametrize("scale", SCALES)
 def test_fuzzed_grpc_requests_never_crash_the_server(
-    scale: Scale, fuzz_runtime: ServiceRuntime
+    scale: Scale, fuzz_runtime: ServiceRuntime, fuzz_pki: Pki
 ) -> None:
     versions = [v.version for v in fuzz_runtime.store.versions()]
     known = fuzz_runtime.registry.get().artifact.index.item_ids[:50].tolist()
     seen: dict[str, int] = {}
     options = [("grpc.max_receive_message_length", 1 << 30)]
-    with grpc.insecure_channel(f"127.0.0.1:{fuzz_runtime.grpc_port}", options=options) as channel:
+    credentials = channel_credentials(fuzz_tls(fuzz_pki))
+    metadata = call_metadata(FUZZ_TOKEN)
+    target = f"localhost:{fuzz_runtime.grpc_port}"
+    with grpc.secure_channel(target, credentials, options=options) as channel:
         stub = sampler_pb2_grpc.NegativeSamplerStub(channel)  # type: ignore[no-untyped-call]
 
         def one(request: Any) -> None:
             try:
-                stub.SampleNegatives(request, timeout=30)
+                stub.SampleNegatives(request, timeout=30, metadata=metadata)
                 code = grpc.StatusCode.OK
             except grpc.RpcError as exc:
                 code = exc.code()
@@ -686,7 +716,9 @@ def test_fuzzed_grpc_requests_never_crash_the_server(
         run_bounded(sample_requests(known, versions), one, scale.fuzz_examples, scale.fuzz_budget_s)
         # Still up and answering normally.
         reply = stub.SampleNegatives(
-            sampler_pb2.SampleNegativesRequest(positive_ids=known[:4]), timeout=10
+            sampler_pb2.SampleNegativesRequest(positive_ids=known[:4]),
+            timeout=10,
+            metadata=metadata,
         )
         assert reply.codebook_version == fuzz_runtime.registry.active_version
     assert fuzz_runtime.healthy
@@ -697,10 +729,12 @@ def test_fuzzed_grpc_requests_never_crash_the_server(
     "field", [{"eta": 1e39}, {"eta": 1000.5}, {"hard_lambda": -1e38}, {"hard_lambda": -1000.5}]
 )
 def test_extreme_eta_or_hard_lambda_is_refused(
-    field: dict[str, float], fuzz_runtime: ServiceRuntime
+    field: dict[str, float], fuzz_runtime: ServiceRuntime, fuzz_pki: Pki
 ) -> None:
     ids = fuzz_runtime.registry.get().artifact.index.item_ids[:4]
-    with SamplerClient(f"127.0.0.1:{fuzz_runtime.grpc_port}", retries=0) as client:
+    target = f"localhost:{fuzz_runtime.grpc_port}"
+    tls = fuzz_tls(fuzz_pki)
+    with SamplerClient(target, retries=0, tls=tls, token=FUZZ_TOKEN) as client:
         with pytest.raises(InvalidInputError, match=r"eta|lambda"):
             client.sample(ids, return_embeddings=True, **field)
         # At the bounds EDIS stays finite in float32.
@@ -713,11 +747,13 @@ def test_extreme_eta_or_hard_lambda_is_refused(
 
 @pytest.mark.parametrize("scale", SCALES)
 def test_schemathesis_http_api_has_no_server_errors(
-    scale: Scale, fuzz_runtime: ServiceRuntime
+    scale: Scale, fuzz_runtime: ServiceRuntime, fuzz_pki: Pki
 ) -> None:
-    base = f"http://127.0.0.1:{fuzz_runtime.http_port}"
+    base = f"https://localhost:{fuzz_runtime.http_port}"
     active = fuzz_runtime.registry.active_version
-    schema = schemathesis.openapi.from_url(f"{base}/openapi.json", timeout=10)
+    ca = str(fuzz_pki.path("ca.crt"))
+    sampler_auth = {"Authorization": f"Bearer {FUZZ_TOKEN}"}
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json", timeout=10, verify=ca)
     operations = [result.ok() for result in schema.get_all_operations()]
     strategies = [op.as_strategy(generation_mode=GenerationMode.POSITIVE) for op in operations]
     strategies += [
@@ -726,13 +762,12 @@ def test_schemathesis_http_api_has_no_server_errors(
         if op.body or op.query or op.path_parameters
     ]
     statuses: dict[int, int] = {}
-    with httpx.Client(base_url=base, timeout=30) as http:
+    with httpx.Client(base_url=base, timeout=30, verify=fuzz_tls(fuzz_pki).ssl_context()) as http:
 
         def one(drawn: tuple[Any, bool]) -> None:
             case, admin = drawn
-            if admin:
-                case.headers = {**(case.headers or {}), **AUTH}
-            response = case.call(base_url=base, timeout=30)
+            case.headers = {**(case.headers or {}), **(AUTH if admin else sampler_auth)}
+            response = case.call(base_url=base, timeout=30, verify=ca)
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             assert response.status_code < 500, (
                 f"{case.method} {case.formatted_path} -> {response.status_code}: "
