@@ -1,8 +1,11 @@
 """Packaging and deployment files, checked statically (no Docker engine, no cluster).
 
 * ``deploy/overlays/*`` are rendered by :func:`render`, a minimal kustomize (the subset the
-  manifests use), and every object is validated against the Kubernetes schema in strict
-  mode; then the wiring is checked: selectors, ports, probes, settings, secrets, volumes.
+  manifests use; checked against ``kubectl kustomize`` where it is installed), and every
+  object is validated against the Kubernetes schema in strict mode (custom resources:
+  against the schema of their CRD here); then the wiring is checked: selectors, ports,
+  probes, settings, secrets, volumes, and TLS with sampling tokens in the prod overlays
+  (including that the probes get through the replicas' TLS, on a real TLS server).
 * The Redis ACL is loaded into a real redis-server: the serving user can do what a
   replica does (follow and load codebooks) and nothing that writes.
 * ``deploy/docker-compose.yml``, the Grafana dashboard, the Dockerfile (hadolint) and
@@ -13,41 +16,67 @@ from __future__ import annotations
 
 import base64
 import copy
+import datetime
+import http.server
 import json
+import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from importlib.metadata import version as installed_version
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import redis
 import yaml
 from conftest import build_random_artifact
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from packaging.requirements import Requirement
 
 from esans_sampler.artifact import artifact_to_files
-from esans_service.http_app import api
+from esans_service.http_app import api, probes
 from esans_service.metrics import ServiceMetrics
 from esans_service.registry import CodebookRegistry
+from esans_service.security import CredentialFiles, SampleTokens
 from esans_service.settings import Settings, load_settings
 from esans_service.store import CodebookStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "prod-mtls")
+# Serve TLS with sampling tokens; prod-mtls also verifies clients (mutual TLS).
+TLS_OVERLAYS = ("prod", "prod-mtls")
 K8S_VERSION = "1.37.0"
 APP_SELECTOR = {"app.kubernetes.io/name": "esans-sampler", "app.kubernetes.io/component": "server"}
-# Created out of band (documented in overlays/prod/kustomization.yaml), not rendered.
-EXTERNAL_SECRETS = {"esans-redis-ca"}
+# Created out of band (documented in overlays/prod/kustomization.yaml), not rendered; the
+# sample tokens after overlays/prod/secret-sample-tokens.example.yaml.
+EXTERNAL_SECRETS = {"esans-redis-ca", "esans-sample-tokens"}
+TLS_SECRET, TOKENS_SECRET = "esans-sampler-tls", "esans-sample-tokens"
+# The settings that name TLS and token files: none in plaintext deployments.
+FILE_SETTINGS = (
+    "ESANS_TLS_CERT_FILE",
+    "ESANS_TLS_KEY_FILE",
+    "ESANS_TLS_CLIENT_CA_FILE",
+    "ESANS_SAMPLE_TOKENS_FILE",
+)
 SERVE_USER, ADMIN_USER = "esans-serve", "esans-admin"
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+# The exec probes of overlays/prod-mtls: the image's Python calling a path over HTTPS.
+_EXEC_PROBE_URL = 'https://127.0.0.1:%s%s" % (os.environ.get("ESANS_HTTP_PORT", "8000")'
 
 Manifest = dict[str, Any]
 
@@ -63,15 +92,16 @@ _KUSTOMIZATION_FIELDS = {
     "secretGenerator",
     "generatorOptions",
 }
-# Strategic-merge list keys of the Kubernetes types patched here (others replace).
+# Strategic-merge list keys of the Kubernetes types patched here (others replace); ports
+# are container ports (containerPort) or Service ports (port).
 _MERGE_KEYS = {
-    "containers": "name",
-    "initContainers": "name",
-    "env": "name",
-    "volumes": "name",
-    "volumeMounts": "mountPath",
-    "ports": "containerPort",
-    "topologySpreadConstraints": "topologyKey",
+    "containers": ("name",),
+    "initContainers": ("name",),
+    "env": ("name",),
+    "volumes": ("name",),
+    "volumeMounts": ("mountPath",),
+    "ports": ("containerPort", "port"),
+    "topologySpreadConstraints": ("topologyKey",),
 }
 
 
@@ -90,7 +120,8 @@ def render(directory: Path) -> list[Manifest]:
             objects += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     objects += _generated(directory, spec)
     for patch in spec.get("patches", []):
-        objects = _apply_patch(objects, yaml.safe_load((directory / patch["path"]).read_text()))
+        for doc in yaml.safe_load_all((directory / patch["path"]).read_text()):
+            objects = _apply_patch(objects, doc)
     for image in spec.get("images", []):
         for pod in _pod_specs(objects):
             for container in _containers(pod):
@@ -133,7 +164,9 @@ def _merge(base: Any, patch: Any) -> Any:
     out = copy.deepcopy(base)
     for key, value in patch.items():
         current = out.get(key)
-        if isinstance(value, dict) and isinstance(current, dict):
+        if value is None:  # `field: null` deletes it (e.g. a probe's handler)
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(current, dict):
             out[key] = _merge(current, value)
         elif isinstance(value, list) and isinstance(current, list) and key in _MERGE_KEYS:
             out[key] = _merge_list(current, value, _MERGE_KEYS[key])
@@ -142,9 +175,10 @@ def _merge(base: Any, patch: Any) -> Any:
     return out
 
 
-def _merge_list(base: list[Any], patch: list[Any], merge_key: str) -> list[Any]:
+def _merge_list(base: list[Any], patch: list[Any], merge_keys: tuple[str, ...]) -> list[Any]:
     items = copy.deepcopy(base)
     for item in patch:
+        (merge_key,) = [key for key in merge_keys if key in item]
         found = [i for i, old in enumerate(items) if old.get(merge_key) == item[merge_key]]
         if item.get("$patch") == "delete":
             if not found:  # a typo would silently delete nothing
@@ -193,16 +227,165 @@ def _server_container(objects: list[Manifest]) -> Manifest:
 # ----------------------------------------------------------------------------- manifests
 
 
+# Custom resources are not in the Kubernetes schema: each kind used is validated against
+# its CRD's schema, written down here (the fields of the CRD that exist, strictly: unknown
+# fields fail as in strict mode), and its metadata against the Kubernetes ObjectMeta.
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+# cert-manager.io/v1 Certificate (cert-manager's deploy/crds/crd-certificates.yaml).
+_CERTIFICATE_SPEC = {
+    "type": "object",
+    "required": ["secretName", "issuerRef"],
+    "additionalProperties": False,
+    "properties": {
+        "secretName": {"type": "string", "minLength": 1},
+        "secretTemplate": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"annotations": _STRING_MAP, "labels": _STRING_MAP},
+        },
+        "issuerRef": {
+            "type": "object",
+            "required": ["name"],
+            "additionalProperties": False,
+            "properties": {k: {"type": "string"} for k in ("name", "kind", "group")},
+        },
+        "commonName": {"type": "string", "maxLength": 64},
+        "dnsNames": _STRINGS,
+        "ipAddresses": _STRINGS,
+        "uriSANs": _STRINGS,
+        "emailAddresses": _STRINGS,
+        "duration": {"type": "string"},
+        "renewBefore": {"type": "string"},
+        "renewBeforePercentage": {"type": "integer"},
+        "revisionHistoryLimit": {"type": "integer", "minimum": 1},
+        "isCA": {"type": "boolean"},
+        "encodeUsagesInRequest": {"type": "boolean"},
+        "usages": {
+            "type": "array",
+            "items": {
+                "enum": [
+                    "signing",
+                    "digital signature",
+                    "content commitment",
+                    "key encipherment",
+                    "key agreement",
+                    "data encipherment",
+                    "cert sign",
+                    "crl sign",
+                    "encipher only",
+                    "decipher only",
+                    "any",
+                    "server auth",
+                    "client auth",
+                    "code signing",
+                    "email protection",
+                    "s/mime",
+                    "ipsec end system",
+                    "ipsec tunnel",
+                    "ipsec user",
+                    "timestamping",
+                    "ocsp signing",
+                    "microsoft sgc",
+                    "netscape sgc",
+                ]
+            },
+        },
+        "privateKey": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                "size": {"type": "integer"},
+                "rotationPolicy": {"enum": ["Never", "Always"]},
+            },
+        },
+        "subject": {"type": "object"},
+        "literalSubject": {"type": "string"},
+        "keystores": {"type": "object"},
+        "additionalOutputFormats": {"type": "array"},
+        "nameConstraints": {"type": "object"},
+        "otherNames": {"type": "array"},
+    },
+}
+CUSTOM_RESOURCE_SPECS = {("cert-manager.io/v1", "Certificate"): _CERTIFICATE_SPEC}
+
+
+def _validate(obj: Manifest) -> None:
+    spec_schema = CUSTOM_RESOURCE_SPECS.get((obj["apiVersion"], obj["kind"]))
+    if spec_schema is None:  # a built-in kind (an unknown custom one fails here too)
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        return
+    assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}, _key(obj)
+    meta_only = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]}
+    kubernetes_validate.validate(meta_only, K8S_VERSION, strict=True)
+    jsonschema.validate(obj["spec"], spec_schema)
+
+
 def test_every_object_is_valid_kubernetes(overlay: tuple[str, list[Manifest]]) -> None:
     _, objects = overlay
     keys = [_key(obj) for obj in objects]
     assert len(keys) == len(set(keys)), "duplicate objects"
     for obj in objects:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        _validate(obj)
+
+
+def test_custom_resources_are_validated() -> None:
+    """The CRD check is no pass-through: a typo or a wrong value in a Certificate fails."""
+    certificate = _one(render(DEPLOY / "overlays" / "prod"), "Certificate", "esans-sampler")
+    _validate(certificate)
+    for path, value in (
+        (("spec", "dnsName"), ["x"]),
+        (("spec", "usages"), ["server authentication"]),
+        (("spec", "privateKey", "algorithm"), "ecdsa"),
+        (("spec", "issuerRef"), {"kind": "ClusterIssuer"}),
+        (("metadata", "labels"), {"a": 1}),
+    ):
+        broken = copy.deepcopy(certificate)
+        parent = broken
+        for part in path[:-1]:
+            parent = parent[part]
+        parent[path[-1]] = value
+        with pytest.raises((jsonschema.ValidationError, kubernetes_validate.ValidationError)):
+            _validate(broken)
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        _validate({**certificate, "apiVersion": "cert-manager.io/v1alpha2"})
+
+
+def test_renderer_agrees_with_kustomize() -> None:
+    """:func:`render` prints what ``kubectl kustomize`` prints, object for object."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    for directory in [DEPLOY / "base", *(DEPLOY / "overlays" / name for name in OVERLAYS)]:
+        result = subprocess.run(
+            [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        built = {_key(o): o for o in yaml.safe_load_all(result.stdout) if o}
+        for obj in built.values():  # kustomize wraps base64 lines
+            if obj["kind"] == "Secret" and "data" in obj:
+                obj["data"] = {k: "".join(v.split()) for k, v in obj["data"].items()}
+        rendered = {_key(o): o for o in render(directory)}
+        assert _canonical(built) == _canonical(rendered), directory.name
+
+
+def _canonical(value: Any, key: str = "") -> Any:
+    """``value`` with its merged lists sorted (their order carries no meaning here; kustomize
+    puts a patch's new items first)."""
+    if isinstance(value, dict):
+        return {k: _canonical(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_canonical(item) for item in value]
+        if key in _MERGE_KEYS:
+            return sorted(items, key=lambda item: json.dumps(item, sort_keys=True))
+        return items
+    return value
 
 
 def test_overlays_differ_where_documented() -> None:
-    dev, prod = (render(DEPLOY / "overlays" / name) for name in OVERLAYS)
+    dev, prod = (render(DEPLOY / "overlays" / name) for name in ("dev", "prod"))
     assert _server(dev)["spec"]["replicas"] == 1
     assert _server(prod)["spec"]["replicas"] == 3
     assert ("StatefulSet", "esans-redis") in {_key(o) for o in dev}
@@ -254,13 +437,23 @@ def test_ports_and_probes_match_the_service(overlay: tuple[str, list[Manifest]])
     for name in ("esans-sampler", "esans-sampler-headless"):
         for port in _one(objects, "Service", name)["spec"]["ports"]:
             assert port["targetPort"] in ports and port["port"] == ports[port["targetPort"]]
-    routes = {route.path for route in api.routes}  # type: ignore[attr-defined]
-    probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "livenessProbe")}
-    probes["readinessProbe"] = container["readinessProbe"]["httpGet"]
-    assert probes["readinessProbe"]["path"] == "/readyz"
-    assert probes["livenessProbe"]["path"] == "/healthz"
-    for probe in probes.values():
-        assert probe["path"] in routes and ports[probe["port"]] == ports["http"]
+    routes = {route.path for route in [*api.routes, *probes.routes]}  # type: ignore[attr-defined]
+    env = _environment(objects, container)
+    requests = {kind: _probe_request(container[kind], env) for kind in PROBES}
+    assert requests["readinessProbe"][2] == "/readyz"
+    assert requests["livenessProbe"][2] == "/healthz"
+    for _, port, path in requests.values():
+        assert path in routes and ports.get(port, port) == ports["http"]
+
+
+def _probe_request(probe: Manifest, env: dict[str, str]) -> tuple[str, str | int, str]:
+    """(scheme, port name or number, path) a probe requests."""
+    if "httpGet" in probe:
+        get = probe["httpGet"]
+        return get.get("scheme", "HTTP"), get["port"], get["path"]
+    python, flag, script, path = probe["exec"]["command"]
+    assert (python, flag) == ("python", "-c") and _EXEC_PROBE_URL in script, script
+    return "HTTPS", int(env.get("ESANS_HTTP_PORT", "8000")), path
 
 
 def test_termination_grace_outlasts_the_drain(overlay: tuple[str, list[Manifest]]) -> None:
@@ -309,6 +502,8 @@ def test_references_resolve(overlay: tuple[str, list[Manifest]]) -> None:
     """Secrets, ConfigMaps, claims and volume mounts named in pods exist (or are external)."""
     _, objects = overlay
     rendered = {_key(o) for o in objects}
+    # cert-manager makes the Secret of a rendered Certificate.
+    rendered |= {("Secret", c["spec"]["secretName"]) for c in objects if c["kind"] == "Certificate"}
     for workload in (o for o in objects if o["kind"] in {"Deployment", "StatefulSet", "Job"}):
         pod = workload["spec"]["template"]["spec"]
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
@@ -365,6 +560,303 @@ def test_prod_talks_tls_to_redis_with_a_mounted_ca() -> None:
         assert kwargs["ssl_cert_reqs"] == "required"
         mounts = [m["mountPath"] for m in container["volumeMounts"]]
         assert any(kwargs["ssl_ca_certs"].startswith(m + "/") for m in mounts), container["name"]
+
+
+# ----------------------------------------------------------------------------- TLS, tokens
+
+
+def _namespace() -> str:
+    """The namespace the prod overlay documents (its Certificate's DNS names use it)."""
+    text = (DEPLOY / "overlays" / "prod" / "kustomization.yaml").read_text()
+    match = re.search(r"kubectl apply -k deploy/overlays/prod -n (\S+)", text)
+    assert match, "overlays/prod/kustomization.yaml names its namespace"
+    return match.group(1)
+
+
+def _go_duration_s(text: str) -> float:
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert "".join(number + unit for number, unit in parts) == text, text
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def _secret_mount(objects: list[Manifest], secret: str) -> PurePosixPath:
+    """Where the server container mounts ``secret``: whole, read-only, not world-readable."""
+    pod = _server(objects)["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == secret]
+    (mount,) = [
+        m for m in _server_container(objects)["volumeMounts"] if m["name"] == volume["name"]
+    ]
+    assert mount.get("readOnly") is True, secret
+    assert "subPath" not in mount, f"{secret}: a subPath mount never sees a rotated file"
+    mode = volume["secret"].get("defaultMode", 0o644)
+    assert mode & 0o007 == 0, f"{secret}: readable by every user"
+    assert pod["securityContext"].get("fsGroup") == pod["securityContext"]["runAsGroup"]
+    return PurePosixPath(mount["mountPath"])
+
+
+def _tokens_example() -> Manifest:
+    path = DEPLOY / "overlays" / "prod" / "secret-sample-tokens.example.yaml"
+    (secret,) = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return secret
+
+
+@pytest.mark.parametrize("name", TLS_OVERLAYS)
+def test_prod_serves_tls_with_sampling_tokens(name: str) -> None:
+    """cert-manager issues the certificate, the server mounts it and the tokens read-only and
+    points the ESANS_ file settings into those mounts; probes, Prometheus and the Services
+    speak TLS."""
+    objects = render(DEPLOY / "overlays" / name)
+    spec = _one(objects, "Certificate", "esans-sampler")["spec"]
+    assert spec["secretName"] == TLS_SECRET
+    assert spec["issuerRef"]["kind"] in {"Issuer", "ClusterIssuer"}
+    assert spec["issuerRef"].get("group", "cert-manager.io") == "cert-manager.io"
+    assert "server auth" in spec["usages"]
+    assert ("client auth" in spec["usages"]) == (name == "prod-mtls")  # the exec probes'
+    namespace = _namespace()
+    for service in (o["metadata"]["name"] for o in objects if o["kind"] == "Service"):
+        for suffix in ("", f".{namespace}", f".{namespace}.svc", f".{namespace}.svc.cluster.local"):
+            assert service + suffix in spec["dnsNames"]
+    duration, renew = _go_duration_s(spec["duration"]), _go_duration_s(spec["renewBefore"])
+    assert duration >= 3600 and 300 <= renew < duration  # cert-manager's own limits
+
+    tls, tokens = _secret_mount(objects, TLS_SECRET), _secret_mount(objects, TOKENS_SECRET)
+    (token_key,) = _tokens_example()["stringData"]
+    expected = {
+        "ESANS_TLS_CERT_FILE": tls / "tls.crt",
+        "ESANS_TLS_KEY_FILE": tls / "tls.key",
+        "ESANS_SAMPLE_TOKENS_FILE": tokens / token_key,
+    }
+    if name == "prod-mtls":
+        expected["ESANS_TLS_CLIENT_CA_FILE"] = tls / "ca.crt"
+    container = _server_container(objects)
+    env = _environment(objects, container)
+    assert {k: env[k] for k in FILE_SETTINGS if k in env} == {
+        k: str(v) for k, v in expected.items()
+    }
+    settings = load_settings(environ=env)
+    assert settings.tls_enabled and settings.sample_tokens_file is not None
+    assert (settings.tls_client_ca_file is not None) == (name == "prod-mtls")
+    # Only the server: the ConfigMap also goes to the build Job, which has no such files.
+    assert not set(FILE_SETTINGS) & set(_one(objects, "ConfigMap", "esans-sampler")["data"])
+    for job_container in _one(objects, "Job", "esans-build")["spec"]["template"]["spec"][
+        "containers"
+    ]:
+        assert not set(FILE_SETTINGS) & set(_environment(objects, job_container))
+
+    for kind in PROBES:
+        assert _probe_request(container[kind], env)[0] == "HTTPS", kind
+        # The kubelet presents no client certificate: with mTLS only exec probes get in.
+        assert ("exec" in container[kind]) == (name == "prod-mtls"), kind
+    annotations = _server(objects)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scheme"] == "https"
+    for service in (o for o in objects if o["kind"] == "Service"):
+        for port in service["spec"]["ports"]:
+            assert port.get("appProtocol") == "https", service["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name", ["base", "dev"])
+def test_base_and_dev_stay_plaintext(name: str) -> None:
+    directory = DEPLOY / name if name == "base" else DEPLOY / "overlays" / name
+    objects = render(directory)
+    assert not [o for o in objects if o["kind"] == "Certificate"]
+    for pod in _pod_specs(objects):
+        for container in _containers(pod):
+            env = _environment(objects, container)
+            assert not set(FILE_SETTINGS) & set(env), container["name"]
+            assert load_settings(environ=env).tls_enabled is False
+    container = _server_container(objects)
+    env = _environment(objects, container)
+    for kind in PROBES:
+        assert _probe_request(container[kind], env)[0] == "HTTP", kind
+    annotations = _server(objects)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations.get("prometheus.io/scheme", "http") == "http"
+    grpc_ports = [
+        port
+        for service in objects
+        if service["kind"] == "Service"
+        for port in service["spec"]["ports"]
+        if port["name"] == "grpc"
+    ]
+    assert grpc_ports and all(p["appProtocol"] == "kubernetes.io/h2c" for p in grpc_ports)
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    for service in compose.values():
+        assert not set(FILE_SETTINGS) & set(service.get("environment", {}))
+
+
+def test_sample_tokens_example_is_an_unapplied_placeholder(tmp_path: Path) -> None:
+    """The example Secret is in the replicas' format, differs from the admin token, says it
+    is a placeholder, and nothing applies it (the real one is made out of band)."""
+    secret = _tokens_example()
+    _validate(secret)
+    assert _key(secret) == ("Secret", TOKENS_SECRET) and TOKENS_SECRET in EXTERNAL_SECRETS
+    (text,) = secret["stringData"].values()
+    lines = [line.split() for line in text.splitlines() if line.strip() and line[0] != "#"]
+    assert lines and all("change-me" in token for _, token in lines)
+    (tmp_path / "tokens").write_text(text)
+    prod = render(DEPLOY / "overlays" / "prod")
+    admin = _secret_value(prod, {"name": "esans-sampler", "key": "admin-token"})
+    tokens = SampleTokens(tmp_path / "tokens", admin_token=admin)  # raises if unusable
+    assert tokens.names == sorted(name for name, _ in lines)
+    for kustomization in DEPLOY.rglob("kustomization.yaml"):
+        spec = yaml.safe_load(kustomization.read_text())
+        used = [*spec.get("resources", []), *(p["path"] for p in spec.get("patches", []))]
+        for generator in [*spec.get("configMapGenerator", []), *spec.get("secretGenerator", [])]:
+            used += generator["files"]
+        assert not [u for u in used if "secret-sample-tokens" in u], kustomization
+    for name in OVERLAYS:
+        assert ("Secret", TOKENS_SECRET) not in {
+            _key(o) for o in render(DEPLOY / "overlays" / name)
+        }
+
+
+def _issue(certificate: Manifest, directory: Path) -> None:
+    """tls.crt, tls.key and ca.crt into ``directory``, as a cert-manager CA issuer writes
+    them for ``certificate`` (its names, key type and usages)."""
+    spec = certificate["spec"]
+    assert (spec["privateKey"]["algorithm"], spec["privateKey"]["size"]) == ("ECDSA", 256)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "esans test CA")])
+
+    def builder(subject: x509.Name, public_key: Any) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(seconds=_go_duration_s(spec["duration"])))
+        )
+
+    ca = (
+        builder(ca_name, ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    extended = {"server auth": ExtendedKeyUsageOID.SERVER_AUTH}
+    extended["client auth"] = ExtendedKeyUsageOID.CLIENT_AUTH
+    leaf = (
+        builder(x509.Name([]), key.public_key())
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in spec["dnsNames"]]),
+            critical=True,  # an empty subject, as cert-manager without commonName
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature="digital signature" in spec["usages"]), True)
+        .add_extension(
+            x509.ExtendedKeyUsage([extended[u] for u in spec["usages"] if u in extended]), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (directory / "tls.crt").write_bytes(leaf.public_bytes(pem))
+    (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (directory / "tls.key").write_bytes(
+        key.private_bytes(
+            pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    )
+
+
+def _key_usage(**usages: bool) -> x509.KeyUsage:
+    names = ["digital_signature", "content_commitment", "key_encipherment", "data_encipherment"]
+    names += ["key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only"]
+    return x509.KeyUsage(**{name: usages.get(name, False) for name in names})
+
+
+class _ProbeHandler(http.server.BaseHTTPRequestHandler):
+    """/healthz and /readyz with the statuses of the server's ``statuses``."""
+
+    def do_GET(self) -> None:
+        status = self.server.statuses.get(self.path, 404)  # type: ignore[attr-defined]
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def tls_probe_target(tmp_path: Path) -> Iterator[Any]:
+    """A factory: an HTTPS server with the replicas' own TLS context (service/security.py)
+    for an overlay's certificate and settings; yields (port, statuses, local files)."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(objects: list[Manifest]) -> tuple[int, dict[str, int], dict[str, str]]:
+        _issue(_one(objects, "Certificate", "esans-sampler"), tmp_path)
+        env = _environment(objects, _server_container(objects))
+        # The container's files, here: same names, in tmp_path.
+        local = {
+            k: str(tmp_path / PurePosixPath(env[k]).name)
+            for k in FILE_SETTINGS
+            if k.startswith("ESANS_TLS_") and k in env
+        }
+        client_ca = local.get("ESANS_TLS_CLIENT_CA_FILE")
+        credentials = CredentialFiles(
+            Path(local["ESANS_TLS_CERT_FILE"]),
+            Path(local["ESANS_TLS_KEY_FILE"]),
+            None if client_ca is None else Path(client_ca),
+        )
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ProbeHandler)
+        server.socket = credentials.server_context().wrap_socket(server.socket, server_side=True)
+        statuses = {"/healthz": 200, "/readyz": 200}
+        server.statuses = statuses  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server.server_address[1], statuses, local
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _kubelet_get(port: int, path: str) -> int:
+    """An HTTPS probe as the kubelet makes it: no certificate check, no client certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    request = f"https://127.0.0.1:{port}{path}"
+    with urllib.request.urlopen(request, context=context, timeout=10) as response:
+        return int(response.status)
+
+
+def test_prod_probes_get_through_tls(tls_probe_target: Any) -> None:
+    """prod: the kubelet's HTTPS probes (no client certificate) reach /healthz and /readyz."""
+    objects = render(DEPLOY / "overlays" / "prod")
+    port, _, _ = tls_probe_target(objects)
+    container = _server_container(objects)
+    for kind in PROBES:
+        assert _kubelet_get(port, container[kind]["httpGet"]["path"]) == 200
+
+
+def test_mtls_exec_probes_get_through_mutual_tls(tls_probe_target: Any) -> None:
+    """prod-mtls: the kubelet's HTTPS probes would be refused (no client certificate); the
+    exec probes, with the replica's own certificate, get in and fail on a 503."""
+    objects = render(DEPLOY / "overlays" / "prod-mtls")
+    port, statuses, local = tls_probe_target(objects)
+    with pytest.raises(OSError):
+        _kubelet_get(port, "/healthz")
+    container = _server_container(objects)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESANS_")}
+    env.update(local, ESANS_HTTP_PORT=str(port))
+
+    def probe(kind: str) -> subprocess.CompletedProcess[str]:
+        python, *args = container[kind]["exec"]["command"]
+        assert python == "python"  # the image's (PATH=/opt/venv/bin:...); here, ours
+        return subprocess.run(
+            [sys.executable, *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    for kind in PROBES:
+        result = probe(kind)
+        assert result.returncode == 0, f"{kind}: {result.stderr}"
+    statuses["/readyz"] = 503
+    assert probe("readinessProbe").returncode != 0
+    assert probe("livenessProbe").returncode == 0
 
 
 # ----------------------------------------------------------------------------- Redis ACL
