@@ -180,14 +180,12 @@ def _rotate(pki: Pki, tmp_path: Path, live_cert: Path, live_key: Path, subject: 
     live_cert.write_bytes(staging.with_suffix(".crt").read_bytes())
 
 
-def test_rotated_certificates_are_served_without_a_restart(
-    tmp_path: Path, serving: type[ServiceRuntime]
-) -> None:
+def _rotating_pki(tmp_path: Path, subject: str) -> tuple[Pki, Path, Path]:
+    """A CA whose key stays at hand, and a live server certificate (``subject``) of it."""
     ca_key = new_key()
-    ca = certificate("esans test CA", ca_key, None)
     pki = Pki(tmp_path / "pki")
     pki.root.mkdir()
-    write_pem(pki.root / "ca", ca, None)
+    write_pem(pki.root / "ca", certificate("esans test CA", ca_key, None), None)
     (pki.root / "ca-key.pem").write_bytes(
         ca_key.private_bytes(
             serialization.Encoding.PEM,
@@ -196,7 +194,14 @@ def test_rotated_certificates_are_served_without_a_restart(
         )
     )
     live_cert, live_key = pki.root / "live.crt", pki.root / "live.key"
-    _rotate(pki, tmp_path, live_cert, live_key, "first")
+    _rotate(pki, tmp_path, live_cert, live_key, subject)
+    return pki, live_cert, live_key
+
+
+def test_rotated_certificates_are_served_without_a_restart(
+    tmp_path: Path, serving: type[ServiceRuntime]
+) -> None:
+    pki, live_cert, live_key = _rotating_pki(tmp_path, "first")
     runtime = serving(
         tls_cert_file=live_cert, tls_key_file=live_key, tls_reload_interval_s=0.2
     ).start()
@@ -224,19 +229,7 @@ def test_rotated_certificates_are_served_without_a_restart(
 def test_sighup_reloads_the_certificate_of_esans_serve(
     tmp_path: Path, redis_server: EmbeddedRedis, namespace: str
 ) -> None:
-    ca_key = new_key()
-    pki = Pki(tmp_path / "pki")
-    pki.root.mkdir()
-    write_pem(pki.root / "ca", certificate("esans test CA", ca_key, None), None)
-    (pki.root / "ca-key.pem").write_bytes(
-        ca_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    live_cert, live_key = pki.root / "live.crt", pki.root / "live.key"
-    _rotate(pki, tmp_path, live_cert, live_key, "before-hup")
+    pki, live_cert, live_key = _rotating_pki(tmp_path, "before-hup")
     log = tmp_path / "serve.log"
     grpc_port, http_port = free_port(), free_port()
     proc = serve_process(
