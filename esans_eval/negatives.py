@@ -36,6 +36,7 @@ import numpy.typing as npt
 import torch
 
 from esans_sampler.client import SampleResponse
+from esans_sampler.exclusions import exclusion_mask
 from esans_sampler.loss import info_nce_loss
 from esans_sampler.torch_ops import hard_interpolation, simple_interpolation
 
@@ -142,22 +143,14 @@ class StepStats:
     negative_ids: IntArray | None = None  # distinct real negative ids of the step
 
 
-def _user_item_hits(
-    users: IntArray, columns: IntArray, ctx: Context
-) -> tuple[npt.NDArray[np.bool_], IntArray]:
-    """(B, U) bool: row b's user has distinct column id u in training; and the inverse map
-    from every column to its distinct id (U = number of distinct ids)."""
-    distinct, inverse = np.unique(columns, return_inverse=True)
-    hits = np.zeros((len(users), len(distinct)), dtype=bool)
+def _user_item_hits(users: IntArray, columns: IntArray, ctx: Context) -> npt.NDArray[np.bool_]:
+    """(B, C) bool: row b's user has column c's id in training (the service's exclusions of
+    the row, applied to the batch-shared columns)."""
     starts, ends = ctx.train_ptr[users], ctx.train_ptr[users + 1]
-    lengths = ends - starts
-    if lengths.sum():
-        rows = np.repeat(np.arange(len(users)), lengths)
-        flat = np.concatenate([ctx.train_items[s:e] for s, e in zip(starts, ends, strict=True)])
-        pos = np.searchsorted(distinct, flat).clip(max=len(distinct) - 1)
-        found = distinct[pos] == flat
-        hits[rows[found], pos[found]] = True
-    return hits, inverse
+    parts = [ctx.train_items[s:e] for s, e in zip(starts, ends, strict=True)]
+    flat = np.concatenate([np.zeros(0, dtype=np.int64), *parts])
+    offsets = np.concatenate(([0], np.cumsum(ends - starts))).astype(np.int64)
+    return exclusion_mask(flat.astype(np.int64), offsets, columns)
 
 
 def step_loss(
@@ -241,8 +234,7 @@ def step_loss(
         sampled_real = col_sampled[real]
         fine_cols = np.where(sampled_real, ctx.fine[real_ids], -1)
         real_mask |= ctx.fine[positives][:, None] == fine_cols[None, :]
-    hits, inverse = _user_item_hits(users, real_ids, ctx)
-    user_hit = hits[:, inverse]
+    user_hit = _user_item_hits(users, real_ids, ctx)
     if method.mask_history:
         real_mask |= user_hit
     mask = np.zeros((batch, len(col_ids)), dtype=bool)

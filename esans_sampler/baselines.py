@@ -16,6 +16,13 @@ from esans_sampler import kinds
 from esans_sampler.cluster_choice import AliasTable
 from esans_sampler.cluster_index import ClusterIndex
 from esans_sampler.errors import FailedPreconditionError, InvalidInputError
+from esans_sampler.exclusions import (
+    Exclusions,
+    allowed_rows,
+    finish_explicitly,
+    redraw_excluded,
+    uniform_remaining,
+)
 from esans_sampler.sampler import (
     IdArray,
     NegativeSample,
@@ -50,13 +57,20 @@ class UniformSampler:
         m_o: int = 5,
         m_h: int = 5,
         gamma: float | None = None,
+        exclude: Exclusions | None = None,
     ) -> NegativeSample:
-        """(B, m_c, m_o) uniform negatives for positive_ids (B,) int64; empty hard part."""
+        """(B, m_c, m_o) uniform negatives for positive_ids (B,) int64; empty hard part.
+        With ``exclude``, q = 1 / (N - 1 - |E_r minus the positive|)."""
         validate_sample_sizes(m_c, m_o, m_h)
         ids = as_positive_ids(positive_ids)
         rows = self.index.rows_of(ids)
         drawn = _uniform_excluding(rows, m_c * m_o, self.index.num_items, rng)
-        log_q = np.full(drawn.shape, self._log_q, dtype=np.float32)
+        if exclude is None or exclude.rows.size == 0:
+            log_q = np.full(drawn.shape, self._log_q, dtype=np.float32)
+        else:
+            remaining = uniform_remaining(rows, exclude, self.index.num_items)
+            _exclude_uniform(drawn, rows, exclude, np.arange(drawn.size), rng)
+            log_q = np.broadcast_to(-np.log(remaining)[:, None], drawn.shape).astype(np.float32)
         return _baseline_sample(self.index, self.name, ids, rows, drawn, log_q, m_c, m_o, m_h)
 
 
@@ -100,8 +114,10 @@ class PopularitySampler:
         m_o: int = 5,
         m_h: int = 5,
         gamma: float | None = None,
+        exclude: Exclusions | None = None,
     ) -> NegativeSample:
-        """(B, m_c, m_o) popularity negatives for positive_ids (B,) int64; empty hard part."""
+        """(B, m_c, m_o) popularity negatives for positive_ids (B,) int64; empty hard part.
+        With ``exclude``, q = p_i / (1 - p_pos - p(E_r minus the positive))."""
         validate_sample_sizes(m_c, m_o, m_h)
         ids = as_positive_ids(positive_ids)
         rows = self.index.rows_of(ids)
@@ -118,10 +134,41 @@ class PopularitySampler:
                 drawn.ravel()[hit] = self._draw_excluding(rows[hit // per_row], rng)
         # q = p_i / (1 - p_pos) = w_i / (sum of the weights of every other row)
         others = self._mass_before[rows] + self._mass_after[rows]
+        if exclude is not None and exclude.rows.size:
+            others = self._exclude(drawn, rows, others, exclude, rng)
         log_q = self._log_weights[drawn] - np.log(others)[:, None]
         return _baseline_sample(
             self.index, self.name, ids, rows, drawn, log_q.astype(np.float32), m_c, m_o, m_h
         )
+
+    def _exclude(
+        self,
+        drawn: IdArray,
+        rows: IdArray,
+        others: npt.NDArray[np.float64],
+        exclude: Exclusions,
+        rng: np.random.Generator,
+    ) -> npt.NDArray[np.float64]:
+        """Redraw the excluded slots of ``drawn`` in place; return each row's remaining mass."""
+        not_positive = exclude.rows != rows[exclude.batch_of]
+        excluded = exclude.per_row_sum(np.where(not_positive, self._weights[exclude.rows], 0.0))
+        remaining = others - excluded
+        for b in np.flatnonzero(remaining <= 1e-9 * others):  # cancellation: sum it exactly
+            allowed = allowed_rows(exclude, int(b), int(rows[b]))
+            if allowed.size == 0:
+                raise InvalidInputError(
+                    f"row {int(b)}'s exclusions leave nothing its sampler could return"
+                )
+            remaining[b] = self._weights[allowed].sum()
+        left = redraw_excluded(drawn, exclude, lambda b: self._draw_excluding(rows[b], rng))
+        if left.size:
+            finish_explicitly(
+                drawn,
+                left,
+                lambda b: (a := allowed_rows(exclude, b, int(rows[b])), self._weights[a]),
+                rng,
+            )
+        return remaining
 
     def _draw_excluding(self, exclude: IdArray, rng: np.random.Generator) -> IdArray:
         """One draw from p restricted to rows != exclude[r], by inverse CDF: (R,) int64."""
@@ -166,15 +213,27 @@ class MixedSampler:
         m_o: int = 5,
         m_h: int = 5,
         gamma: float | None = None,
+        exclude: Exclusions | None = None,
     ) -> NegativeSample:
-        """(B, m_c, m_o) mixed negatives for positive_ids (B,) int64; empty hard part."""
+        """(B, m_c, m_o) mixed negatives for positive_ids (B,) int64; empty hard part.
+
+        With ``exclude``, in-batch slots avoid the batch positions whose id is excluded
+        (q = c_x / (B - c_pos - c(E_r))) and UNS slots as :class:`UniformSampler` does; a row
+        whose batch holds no allowed id fills its in-batch slots by UNS.
+        """
         validate_sample_sizes(m_c, m_o, m_h)
         ids = as_positive_ids(positive_ids)
         rows = self.index.rows_of(ids)
         batch, per_row = rows.shape[0], m_c * m_o
         num_in_batch = round(self.in_batch_fraction * per_row)
+        excluding = exclude is not None and exclude.rows.size > 0
         drawn = _uniform_excluding(rows, per_row, self.index.num_items, rng)
-        log_q = np.full((batch, per_row), self._uniform_log_q, dtype=np.float64)
+        if exclude is not None and excluding:
+            uniform_log_q = -np.log(uniform_remaining(rows, exclude, self.index.num_items))
+        else:
+            uniform_log_q = np.full(batch, self._uniform_log_q)
+        log_q = np.repeat(uniform_log_q, per_row).reshape(batch, per_row)
+        in_batch = np.zeros((batch, per_row), dtype=bool)
         if num_in_batch and batch:
             # Sort the batch by id: the row's own id is one contiguous group [first, first +
             # own) of the B positions, so the others are B - own positions around it.
@@ -188,18 +247,46 @@ class MixedSampler:
             group_of_row[order] = group_of_sorted
             own = group_size[group_of_row]
             others = batch - own
-            u = rng.random((batch, num_in_batch))
-            k = (u * others[:, None]).astype(np.int64)
             first = group_first[group_of_row]
-            k += np.where(k >= first[:, None], own[:, None], 0)
-            k = np.minimum(k, batch - 1)
-            picked = order[k]
-            use = others > 0  # rows whose batch holds no other id keep their UNS slots
-            drawn[use, :num_in_batch] = rows[picked[use]]
-            picked_log_q = (
-                np.log(group_size[group_of_sorted[k]]) - np.log(np.maximum(others, 1))[:, None]
-            )
-            log_q[use, :num_in_batch] = picked_log_q[use]
+
+            def pick(of: IdArray) -> IdArray:
+                """One in-batch draw for each batch row in ``of``: a catalogue row."""
+                k = (rng.random(of.shape) * others[of]).astype(np.int64)
+                k += np.where(k >= first[of], own[of], 0)
+                picked: IdArray = rows[order[np.minimum(k, batch - 1)]]
+                return picked
+
+            allowed = others
+            if exclude is not None and excluding:
+                # Batch positions whose id is excluded leave the row's in-batch proposal.
+                in_batch_rows, in_batch_count = np.unique(rows, return_counts=True)
+                at = np.minimum(np.searchsorted(in_batch_rows, exclude.rows), batch - 1)
+                hits = np.where(in_batch_rows[at] == exclude.rows, in_batch_count[at], 0)
+                not_positive = exclude.rows != rows[exclude.batch_of]
+                allowed = others - exclude.per_row_sum(np.where(not_positive, hits, 0)).astype(
+                    np.int64
+                )
+            use = np.flatnonzero(allowed > 0)  # others keep UNS in their in-batch slots
+            slots = np.repeat(np.arange(batch), num_in_batch).reshape(batch, num_in_batch)
+            drawn[use, :num_in_batch] = pick(slots[use].ravel()).reshape(-1, num_in_batch)
+            in_batch[use, :num_in_batch] = True
+            if exclude is not None and excluding:
+                flat_in_batch = np.flatnonzero(in_batch.ravel())
+                left = redraw_excluded(drawn, exclude, pick, flat_in_batch)
+                if left.size:
+                    finish_explicitly(
+                        drawn,
+                        left,
+                        lambda b: (_allowed_in_batch(rows, ids, b, exclude), None),
+                        rng,
+                    )
+            # q = c_x / allowed: c_x the positions holding the drawn id.
+            batch_rows, batch_counts = np.unique(rows, return_counts=True)
+            counts = batch_counts[np.searchsorted(batch_rows, drawn[use, :num_in_batch])]
+            log_q[use, :num_in_batch] = np.log(counts) - np.log(allowed[use])[:, None]
+        if exclude is not None and excluding:
+            uniform_slots = np.flatnonzero(~in_batch.ravel())
+            _exclude_uniform(drawn, rows, exclude, uniform_slots, rng)
         return _baseline_sample(
             self.index, self.name, ids, rows, drawn, log_q.astype(np.float32), m_c, m_o, m_h
         )
@@ -222,6 +309,32 @@ def _uniform_excluding(
     drawn: IdArray = u.astype(np.int64)
     drawn += drawn >= rows[:, None]  # shift past the positive: uniform over the other N - 1
     return drawn
+
+
+def _allowed_in_batch(rows: IdArray, ids: IdArray, b: int, exclude: Exclusions) -> IdArray:
+    """The catalogue rows of batch positions row ``b`` may draw in-batch (one per position,
+    so an id appearing c times is c times as likely)."""
+    keep = (ids != ids[b]) & ~np.isin(rows, exclude.of_row(b))
+    allowed: IdArray = rows[keep]
+    return allowed
+
+
+def _exclude_uniform(
+    drawn: IdArray,
+    rows: IdArray,
+    exclude: Exclusions,
+    slots: IdArray,
+    rng: np.random.Generator,
+) -> None:
+    """Redraw, in place, the excluded ``slots`` (flat) of uniform draws ``drawn`` (B, K)."""
+    n = exclude.num_items
+    left = redraw_excluded(
+        drawn, exclude, lambda b: _uniform_excluding(rows[b], 1, n, rng)[:, 0], slots
+    )
+    if left.size:
+        finish_explicitly(
+            drawn, left, lambda b: (allowed_rows(exclude, b, int(rows[b])), None), rng
+        )
 
 
 def _baseline_sample(

@@ -35,6 +35,7 @@ from esans_sampler.contract.messages import (
     response_from_json,
 )
 from esans_sampler.errors import DeadlineExceededError, error_for
+from esans_sampler.exclusions import to_csr
 from esans_sampler.kinds import ESANS
 from esans_sampler.sampler import as_positive_ids, validate_sample_sizes
 
@@ -67,6 +68,7 @@ def build_request(
     codebook_version: str = "",
     seed: int | None = None,
     return_embeddings: bool = False,
+    exclude: Sequence[npt.ArrayLike] | None = None,
 ) -> SampleRequest:
     """The request of :meth:`SamplerClient.sample`'s arguments, checked as the server checks
     it, with the server's messages (both transports, sync and async)."""
@@ -77,8 +79,20 @@ def build_request(
         validate_sample_sizes(
             1 if m_c is None else m_c, 1 if m_o is None else m_o, 0 if m_h is None else m_h
         )
+    exclude_ids = exclude_offsets = None
+    if exclude is not None:
+        if len(exclude) != ids.shape[0]:
+            raise errors.InvalidInputError(
+                f"exclude must hold one list of ids per positive: {ids.shape[0]}, got "
+                f"{len(exclude)}"
+            )
+        exclude_ids, exclude_offsets = to_csr(exclude)
+        if exclude_ids.size:
+            as_positive_ids(exclude_ids)  # the same id checks as positives
     return SampleRequest(
         positive_ids=ids,
+        exclude_ids=exclude_ids,
+        exclude_offsets=exclude_offsets,
         m_c=m_c,
         m_o=m_o,
         m_h=m_h,
@@ -122,9 +136,14 @@ class _SamplerClientBase:
         codebook_version: str = "",
         seed: int | None = None,
         return_embeddings: bool = False,
+        exclude: Sequence[npt.ArrayLike] | None = None,
         timeout_s: float | None = None,
     ) -> SampleResponse:
         """Negatives for ``positive_ids`` (B,); unset parameters take the server defaults.
+
+        ``exclude``: per positive, ids its negatives must never be (e.g. the user's other
+        items); log q is renormalised over what remains. For batch-shared negatives, mask the
+        same ids with :func:`esans_sampler.exclusions.exclusion_mask`.
 
         Raises the :mod:`esans_sampler.errors` class of the server's status (e.g.
         :class:`~esans_sampler.errors.InvalidInputError` for INVALID_ARGUMENT / 422) after
@@ -133,7 +152,7 @@ class _SamplerClientBase:
         request = build_request(
             positive_ids, m_c=m_c, m_o=m_o, m_h=m_h, gamma=gamma, eta=eta,
             hard_lambda=hard_lambda, sampler=sampler, codebook_version=codebook_version,
-            seed=seed, return_embeddings=return_embeddings,
+            seed=seed, return_embeddings=return_embeddings, exclude=exclude,
         )  # fmt: skip
         return self._sample(request, self.timeout_s if timeout_s is None else timeout_s)
 

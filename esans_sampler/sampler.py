@@ -29,6 +29,8 @@ from esans_sampler.cluster_choice import AliasTable, cluster_choice_matrix, vali
 from esans_sampler.cluster_index import ClusterIndex
 from esans_sampler.draws import fill_distinct
 from esans_sampler.errors import FailedPreconditionError, InvalidInputError
+from esans_sampler.esans_exclusion import EsansExclusion
+from esans_sampler.exclusions import Exclusions
 
 IdArray = npt.NDArray[np.int64]
 CodeArray = npt.NDArray[np.int32]
@@ -101,6 +103,7 @@ class NegativeSampler(Protocol):
         m_o: int = 5,
         m_h: int = 5,
         gamma: float | None = None,
+        exclude: Exclusions | None = None,
     ) -> NegativeSample: ...
 
 
@@ -234,11 +237,14 @@ class EsansSampler:
         m_o: int = 5,
         m_h: int = 5,
         gamma: float | None = None,
+        exclude: Exclusions | None = None,
     ) -> NegativeSample:
         """Simple (B, m_c, m_o) and hard (B, m_h) negatives for positive_ids (B,) int64.
 
-        Raises :class:`UnknownItemError` for ids not in the index and
-        :class:`InvalidInputError` for bad sizes or gamma. Deterministic given ``rng``'s state.
+        With ``exclude``, no slot holds an item excluded for its row, and log q is
+        renormalised over what remains (see :mod:`esans_sampler.exclusions`). Raises
+        :class:`UnknownItemError` for ids not in the index and :class:`InvalidInputError` for
+        bad sizes or gamma. Deterministic given ``rng``'s state.
         """
         validate_sample_sizes(m_c, m_o, m_h)
         choice = self._choice(gamma)
@@ -270,6 +276,13 @@ class EsansSampler:
 
         hard_position = position[items:].reshape(m_h, batch)
         hard_counts, filled = self._hard(fine, u[draws + items :], hard_position, rng)
+        hard_log_q = np.repeat(self._hard_log_q.take(fine), m_h).reshape(batch, m_h)
+        if exclude is not None and exclude.rows.size:
+            excluding = EsansExclusion(self, exclude, primary, fine, rng)
+            slot_log_q = excluding.simple(choice, clusters, row_starts, simple_position, slot_log_q)
+            hard_counts, filled, hard_log_q = excluding.hard(
+                hard_position, hard_counts, filled, hard_log_q
+            )
 
         # (row, id - base) of every slot, back in (B, m_c, m_o) and (B, m_h) order.
         records = self._records.take(position).view(self._record_field).reshape(-1, 2)
@@ -279,7 +292,6 @@ class EsansSampler:
         hard_rows, hard_ids = self._rows_and_ids(
             records[items:].reshape(m_h, batch, 2).transpose(1, 0, 2)
         )
-        hard_log_q = np.repeat(self._hard_log_q.take(fine), m_h).reshape(batch, m_h)
         if filled is not None:  # some rows hold fewer than m_h: pad them
             padding = ~filled.T
             hard_rows[padding] = -1

@@ -27,6 +27,7 @@ from esans_sampler.errors import (
     InvalidInputError,
     ResourceExhaustedError,
 )
+from esans_sampler.exclusions import Exclusions
 from esans_sampler.kinds import MIXED, POPULARITY, SAMPLER_KINDS, UNIFORM
 from esans_sampler.sampler import NegativeSample, NegativeSampler
 from esans_sampler.stats import hard_coverage
@@ -158,9 +159,17 @@ class SamplingService:
                 f"server's limit of {self._settings.max_response_bytes / 2**20:.0f} MiB; ask for "
                 "a smaller batch, smaller m_c/m_o/m_h, or no embeddings"
             )
+        exclude = None
+        if request.exclude_ids is not None and request.exclude_offsets is not None:
+            index = codebook.artifact.index
+            exclude = Exclusions.build(
+                index, r.ids.shape[0], request.exclude_ids, request.exclude_offsets
+            )
         rng = np.random.default_rng(request.seed)
         _check_deadline(deadline)
-        sample = sampler.sample(r.ids, rng, m_c=r.m_c, m_o=r.m_o, m_h=r.m_h, gamma=r.gamma)
+        sample = sampler.sample(
+            r.ids, rng, m_c=r.m_c, m_o=r.m_o, m_h=r.m_h, gamma=r.gamma, exclude=exclude
+        )
         embeddings = None
         if request.return_embeddings and table is not None:
             _check_deadline(deadline)
@@ -182,6 +191,12 @@ class SamplingService:
             raise InvalidInputError(
                 f"positive_ids holds {ids.shape[0]} ids; send between 1 and {s.max_batch} "
                 "(the server's max_batch) per request"
+            )
+        excluded = 0 if request.exclude_ids is None else np.asarray(request.exclude_ids).size
+        if excluded > s.max_excluded_ids:
+            raise InvalidInputError(
+                f"exclude_ids holds {excluded} ids; at most {s.max_excluded_ids} per request "
+                "(the server's max_excluded_ids)"
             )
         if request.sampler not in SAMPLER_KINDS:
             raise InvalidInputError(

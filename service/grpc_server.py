@@ -231,8 +231,9 @@ def create_grpc_server(
     naming the port and its setting) if it cannot bind.
     """
     workers = settings.max_concurrency + _EXTRA_WORKERS
-    # Requests carry at most max_batch ids (<= 10 bytes each as varints) and a few scalars.
-    max_receive = max(4 * MIB, 11 * settings.max_batch + 64 * 1024)
+    # Requests carry at most max_batch ids and max_excluded_ids exclusions (<= 10 bytes each
+    # as varints) and a few scalars.
+    max_receive = max(4 * MIB, 11 * (settings.max_batch + settings.max_excluded_ids) + 64 * 1024)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="esans-grpc"),
         interceptors=[ErrorMappingInterceptor(service.metrics, tokens)],

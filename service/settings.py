@@ -167,6 +167,9 @@ class Settings(BaseSettings):
 
     # Request limits and defaults.
     max_batch: int = Field(default=4096, ge=1)
+    max_excluded_ids: int = Field(
+        default=262_144, ge=0, description="per-row exclusions a request may carry, in all"
+    )
     max_m_c: int = Field(default=16, ge=1)
     max_m_o: int = Field(default=32, ge=1)
     max_m_h: int = Field(default=64, ge=0)

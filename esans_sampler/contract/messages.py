@@ -104,6 +104,18 @@ class SampleRequest:
     codebook_version: str | None = None
     seed: int | None = None
     return_embeddings: bool = False
+    # Per-row exclusions (CSR): row r excludes exclude_ids[exclude_offsets[r]:...[r + 1]].
+    exclude_ids: npt.NDArray[Any] | None = None
+    exclude_offsets: npt.NDArray[Any] | None = None
+
+    def exclusion_fields(self) -> dict[str, Any]:
+        """The exclusion lists, when the request has them."""
+        if self.exclude_ids is None or self.exclude_offsets is None:
+            return {}
+        return {
+            "exclude_ids": np.asarray(self.exclude_ids).tolist(),
+            "exclude_offsets": np.asarray(self.exclude_offsets).tolist(),
+        }
 
     def optional_fields(self) -> dict[str, Any]:
         """The optional fields the caller set."""
@@ -118,7 +130,8 @@ def json_request_fields() -> dict[str, tuple[Any, Any]]:
     for f in _REQUEST.fields:
         kind = _JSON_TYPES.get(f.type, int)
         if f.is_repeated:
-            fields[f.name] = (list[kind], ...)  # type: ignore[valid-type]
+            required = f.name == "positive_ids"
+            fields[f.name] = (list[kind], ... if required else [])  # type: ignore[valid-type]
         elif f.has_presence:
             fields[f.name] = (kind | None, None)
         elif f.type == FieldDescriptor.TYPE_ENUM:
@@ -136,8 +149,16 @@ def request_from_proto(message: sampler_pb2.SampleNegativesRequest) -> SampleReq
         sampler=kind_from_proto(message.sampler),
         codebook_version=message.codebook_version or None,
         return_embeddings=message.return_embeddings,
+        **_exclusions(message.exclude_ids, message.exclude_offsets),
         **optional,
     )
+
+
+def _exclusions(ids: Any, offsets: Any) -> dict[str, Any]:
+    """Both exclusion arrays when either was sent (the server checks them), else None."""
+    if not len(ids) and not len(offsets):
+        return {"exclude_ids": None, "exclude_offsets": None}
+    return {"exclude_ids": np.array(ids), "exclude_offsets": np.array(offsets)}
 
 
 def request_to_proto(request: SampleRequest) -> sampler_pb2.SampleNegativesRequest:
@@ -147,6 +168,7 @@ def request_to_proto(request: SampleRequest) -> sampler_pb2.SampleNegativesReque
         sampler=kind_to_proto(request.sampler),
         codebook_version=request.codebook_version or "",
         return_embeddings=request.return_embeddings,
+        **request.exclusion_fields(),
         **request.optional_fields(),
     )
 
@@ -160,6 +182,7 @@ def request_from_json(body: dict[str, Any]) -> SampleRequest:
         sampler=kind_from_name(str(body.get("sampler", ESANS))),
         codebook_version=body.get("codebook_version") or None,
         return_embeddings=bool(body.get("return_embeddings", False)),
+        **_exclusions(body.get("exclude_ids") or [], body.get("exclude_offsets") or []),
         **optional,
     )
 
@@ -171,6 +194,7 @@ def request_to_json(request: SampleRequest) -> dict[str, Any]:
         "sampler": request.sampler,
         "codebook_version": request.codebook_version or "",
         "return_embeddings": request.return_embeddings,
+        **request.exclusion_fields(),
         **request.optional_fields(),
     }
 

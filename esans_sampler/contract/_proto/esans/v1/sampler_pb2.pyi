@@ -42,7 +42,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class SampleNegativesRequest(_message.Message):
-    __slots__ = ("positive_ids", "m_c", "m_o", "m_h", "gamma", "eta", "hard_lambda", "sampler", "codebook_version", "seed", "return_embeddings")
+    __slots__ = ("positive_ids", "m_c", "m_o", "m_h", "gamma", "eta", "hard_lambda", "sampler", "codebook_version", "seed", "return_embeddings", "exclude_ids", "exclude_offsets")
     POSITIVE_IDS_FIELD_NUMBER: _ClassVar[int]
     M_C_FIELD_NUMBER: _ClassVar[int]
     M_O_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,8 @@ class SampleNegativesRequest(_message.Message):
     CODEBOOK_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     RETURN_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     positive_ids: _containers.RepeatedScalarFieldContainer[int]
     m_c: int
     m_o: int
@@ -65,7 +67,9 @@ class SampleNegativesRequest(_message.Message):
     codebook_version: str
     seed: int
     return_embeddings: bool
-    def __init__(self, positive_ids: _Optional[_Iterable[int]] = ..., m_c: _Optional[int] = ..., m_o: _Optional[int] = ..., m_h: _Optional[int] = ..., gamma: _Optional[float] = ..., eta: _Optional[float] = ..., hard_lambda: _Optional[float] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., codebook_version: _Optional[str] = ..., seed: _Optional[int] = ..., return_embeddings: _Optional[bool] = ...) -> None: ...
+    exclude_ids: _containers.RepeatedScalarFieldContainer[int]
+    exclude_offsets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, positive_ids: _Optional[_Iterable[int]] = ..., m_c: _Optional[int] = ..., m_o: _Optional[int] = ..., m_h: _Optional[int] = ..., gamma: _Optional[float] = ..., eta: _Optional[float] = ..., hard_lambda: _Optional[float] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., codebook_version: _Optional[str] = ..., seed: _Optional[int] = ..., return_embeddings: _Optional[bool] = ..., exclude_ids: _Optional[_Iterable[int]] = ..., exclude_offsets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Embeddings(_message.Message):
     __slots__ = ("positive", "simple", "hard", "virtual_simple", "simple_weights", "virtual_hard", "eta", "hard_lambda")
