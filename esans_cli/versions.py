@@ -48,6 +48,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ):
         action = actions.add_parser(name, help=text)
         action.add_argument("version", help="a version or a unique prefix (>= 8 characters)")
+        if name == "delete":
+            action.add_argument(
+                "--force",
+                action="store_true",
+                help="delete even while a training run holds a lease on it (pins it)",
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
               f"{reply['serving_version']})")  # fmt: skip
     else:
         path = f"/admin/versions/{urllib.parse.quote(args.version, safe='')}"
+        if args.force:
+            path += "?force=true"
         print(f"deleted version {_call(url, token, 'DELETE', path)['deleted']}")
     return 0
 

@@ -34,6 +34,7 @@ from esans_service.errors import PortUnavailableError
 from esans_service.grpc_server import GrpcServer, create_grpc_server
 from esans_service.http_app import create_app
 from esans_service.http_limits import deadline_protocol
+from esans_service.leases import LeaseKeeper
 from esans_service.metrics import ServiceMetrics
 from esans_service.registry import CodebookRegistry
 from esans_service.security import CredentialFiles, FileWatcher, SampleTokens
@@ -129,6 +130,8 @@ class ServiceRuntime:
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._http_socket: socket.socket | None = None
+        self._leases: LeaseKeeper | None = None
+        self._lease_client: redis.Redis | None = None
         self._credentials: CredentialFiles | None = None
         self._http_tls: ssl.SSLContext | None = None
         self._tokens: SampleTokens | None = None
@@ -171,7 +174,8 @@ class ServiceRuntime:
             )
             registry = self._registry
             self.metrics.watch_stale(lambda: registry.stale)
-            self._service = SamplingService(registry, s, self.metrics)
+            self._leases = self._start_leases()
+            self._service = SamplingService(registry, s, self.metrics, self._leases)
             registry.start()  # refresh once, then follow the store
             if not registry.ready:
                 logger.warning(
@@ -196,6 +200,17 @@ class ServiceRuntime:
             self._security_summary(),
         )
         return self
+
+    def _start_leases(self) -> LeaseKeeper:
+        s = self.settings
+        client = self._client
+        if s.redis_lease_url is not None:
+            self._lease_client = redis.Redis.from_url(s.redis_lease_url)
+            client = self._lease_client
+        assert client is not None
+        return LeaseKeeper(
+            client, s.redis_namespace, s.lease_ttl_s, on_error=self.metrics.store_error
+        ).start()
 
     def _start_security(self) -> None:
         """Read the TLS and token files (a bad one stops the start) and watch them."""
@@ -317,6 +332,10 @@ class ServiceRuntime:
             self._http_socket.close()  # uvicorn served on it; closing twice is harmless
         if self._watcher is not None:
             self._watcher.stop()
+        if self._leases is not None:
+            self._leases.stop()
+        if self._lease_client is not None:
+            self._lease_client.close()
         if self._credentials is not None:
             self._credentials.close()
         if self._registry is not None:

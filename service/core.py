@@ -31,6 +31,7 @@ from esans_sampler.exclusions import Exclusions
 from esans_sampler.kinds import MIXED, POPULARITY, SAMPLER_KINDS, UNIFORM
 from esans_sampler.sampler import NegativeSample, NegativeSampler
 from esans_sampler.stats import hard_coverage
+from esans_service.leases import LeaseKeeper
 from esans_service.metrics import ServiceMetrics
 from esans_service.registry import CodebookRegistry, LoadedCodebook
 from esans_service.settings import Settings, response_bytes
@@ -76,10 +77,12 @@ class SamplingService:
         registry: CodebookRegistry,
         settings: Settings,
         metrics: ServiceMetrics | None = None,
+        leases: LeaseKeeper | None = None,
     ) -> None:
         self._registry = registry
         self._settings = settings
         self.metrics = metrics if metrics is not None else ServiceMetrics()
+        self._leases = leases
         self._slots = threading.BoundedSemaphore(settings.max_concurrency)
         self._draining = threading.Event()
 
@@ -143,6 +146,8 @@ class SamplingService:
 
     def _sample(self, request: SampleRequest, r: _Resolved, deadline: float | None) -> SampleResult:
         codebook = self._registry.get(request.codebook_version or None)  # one snapshot
+        if request.codebook_version and self._leases is not None:
+            self._leases.used(codebook.version)  # a pinned run: keep its version alive
         sampler = _sampler_of(codebook, request.sampler)
         table = codebook.artifact.embeddings
         if request.return_embeddings and table is None:

@@ -281,10 +281,12 @@ def refresh(registry: Registry) -> dict[str, Any]:
 
 
 @admin.delete("/versions/{version}")
-def delete_version(version: str, store: Store) -> dict[str, str]:
+def delete_version(
+    version: str, store: Store, force: Annotated[bool, Query()] = False
+) -> dict[str, str]:
     """Delete a stored version (never the active one)."""
-    version = _store_call(lambda: store.delete(version))
-    audit.info("admin deleted codebook %s", version)
+    version = _store_call(lambda: store.delete(version, force=force))
+    audit.info("admin deleted codebook %s%s", version, " (forced past its lease)" if force else "")
     return {"deleted": version}
 
 

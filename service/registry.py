@@ -35,7 +35,13 @@ from esans_sampler.errors import (
     UnavailableError,
 )
 from esans_sampler.sampler import EsansSampler
-from esans_service.store import FULL_VERSION_CHARS, MIN_VERSION_PREFIX, CodebookStore, parse_event
+from esans_service.store import (
+    EVENT_DELETED,
+    FULL_VERSION_CHARS,
+    MIN_VERSION_PREFIX,
+    CodebookStore,
+    parse_event,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -442,10 +448,14 @@ class CodebookRegistry:
                         self._note_store_error(exc)
                         continue
                     if message is not None and message.get("type") == "message":
-                        logger.debug("codebook event %s", parse_event(message["data"]))
+                        event = parse_event(message["data"])
+                        logger.debug("codebook event %s", event)
+                        if event is not None and event[0] == EVENT_DELETED:
+                            self.forget(event[1])
                         self._refresh_safely(skip_recent_failures=False)
                 if time.monotonic() >= next_poll:
                     self._refresh_safely(skip_recent_failures=True)
+                    self._forget_deleted()  # events may have been missed
                     next_poll = time.monotonic() + self._poll_interval_s
         finally:
             self._close_pubsub(pubsub)
@@ -472,6 +482,31 @@ class CodebookRegistry:
             pubsub.close()
         except (redis.RedisError, OSError) as exc:  # best effort
             logger.debug("closing the subscription failed: %s", exc)
+
+    def forget(self, version: str) -> None:
+        """Drop a loaded, non-active ``version`` from memory (it was deleted from the store),
+        so requests pinned to it get NOT_FOUND here as on every other replica."""
+        with self._lock:
+            snapshot = self._snapshot
+            active = snapshot.active
+            if version not in snapshot.loaded or (active and active.version == version):
+                return
+            versions = {v: c for v, c in snapshot.loaded.items() if v != version}
+            self._snapshot = _Snapshot(active=active, loaded=MappingProxyType(versions))
+        self._last_used.pop(version, None)
+        logger.info("codebook %s was deleted from the store; dropped from memory", version)
+
+    def _forget_deleted(self) -> None:
+        active = self._snapshot.active
+        for version in list(self._snapshot.loaded):
+            if active is not None and version == active.version:
+                continue
+            try:
+                gone = not self._store.client.exists(self._store.meta_key(version))
+            except redis.RedisError:
+                return  # unreachable: keep serving what is loaded
+            if gone:
+                self.forget(version)
 
     def _refresh_safely(self, skip_recent_failures: bool) -> None:
         try:

@@ -91,6 +91,16 @@ class Settings(BaseSettings):
         default=0, ge=0, le=65535, description="port of the embedded Redis; 0 = a free one"
     )
     keep_versions: int = Field(default=5, ge=1)
+    lease_ttl_s: float = Field(
+        default=3600.0,
+        ge=1,
+        description="a version pinned by requests keeps a lease this long after the last one; "
+        "leased versions are not deleted by retention, nor by the admin API unless forced",
+    )
+    redis_lease_url: str | None = Field(
+        default=None,
+        description="redis://... of a user that may write the lease keys; None = redis_url",
+    )
     max_loaded_versions: int = Field(default=3, ge=1)
     poll_interval_s: float = Field(default=5.0, gt=0)
 

@@ -11,6 +11,7 @@ Layout under the namespace ``ns`` (default ``"esans"``); versions are content di
 ``{ns}:v:{version}:file:{name}:{i}``  than ``chunk_bytes``, its parts 0, 1, ...
 ``{ns}:events``                       pub/sub channel: JSON ``{"event", "version"}``
 ``{ns}:lock:{version}``               held while one client writes that version
+``{ns}:lease:{version}``              a training run pins it (TTL; see esans_service.leases)
 
 Publishing writes the files, reads them back and verifies them with
 :func:`artifact_from_files` before the version is marked complete; only then is the active
@@ -37,6 +38,7 @@ from esans_sampler.errors import (
     InvalidInputError,
     NotFoundError,
 )
+from esans_service.leases import lease_remaining_s
 
 logger = logging.getLogger(__name__)
 
@@ -487,15 +489,24 @@ class CodebookStore:
 
     # -- deletion and retention -------------------------------------------------------
 
-    def delete(self, version: str) -> str:
+    def delete(self, version: str, force: bool = False) -> str:
         """Delete ``version`` (or a unique prefix of it) and its files; return the full
         version.
 
         Raises:
             NotFoundError: no such version.
-            FailedPreconditionError: it is the active version (activate another first).
+            FailedPreconditionError: it is the active version (activate another first), or a
+                training run holds a lease on it (see :mod:`esans_service.leases`) and
+                ``force`` is false.
         """
         version = self.resolve(version)
+        leased = lease_remaining_s(self._client, self._ns, version)
+        if leased is not None and not force:
+            raise FailedPreconditionError(
+                f"codebook {version} is pinned by a training run (its lease expires in "
+                f"{leased:.0f} s unless renewed); stop the run or wait, or delete with force "
+                "(esans versions delete --force, DELETE ...?force=true)"
+            )
         meta = self._meta(version)
         layout = _Layout({}) if meta is None else _Layout.from_json(meta.get("layout"), version)
         code = self._delete_keys(version, layout)
@@ -517,7 +528,8 @@ class CodebookStore:
 
     def enforce_retention(self) -> list[str]:
         """Delete complete versions beyond the newest ``keep_versions`` (never the active
-        one) and incomplete ones older than the grace period; return the deleted versions.
+        one, nor one a training run holds a lease on) and incomplete ones older than the grace
+        period; return the deleted versions.
         """
         now = time.time()
         kept = 0
@@ -532,7 +544,7 @@ class CodebookStore:
             try:
                 self.delete(info.version)
             except (NotFoundError, FailedPreconditionError):
-                continue  # deleted or activated concurrently
+                continue  # leased, or deleted or activated concurrently
             deleted.append(info.version)
         if deleted:
             logger.info("retention removed codebook(s) %s", deleted)

@@ -233,6 +233,7 @@ def test_versions_commands_drive_the_admin_api(
     from esans_sampler.artifact import artifact_to_files
     from esans_service.app import ServiceRuntime
     from esans_service.harness import local_settings
+    from esans_service.leases import LeaseKeeper
     from esans_service.store import CodebookStore
 
     token = "t" * 24
@@ -250,7 +251,14 @@ def test_versions_commands_drive_the_admin_api(
         assert f"* {new[:16]}" in listing and f"  {old[:16]}" in listing
         assert main(["versions", "--url", url, "activate", old[:16]]) == 0
         assert f"active version {old}" in capsys.readouterr().out
-        assert main(["versions", "--url", url, "delete", new[:12]]) == 0
+        # A training run's lease keeps a version until the delete is forced.
+        with redis_server.client() as client:
+            keeper = LeaseKeeper(client, "versions-cli", ttl_s=60)
+            keeper.used(new)
+            keeper.renew_due()
+        assert main(["versions", "--url", url, "delete", new[:12]]) == 2
+        assert "pinned by a training run" in capsys.readouterr().err
+        assert main(["versions", "--url", url, "delete", "--force", new[:12]]) == 0
         assert f"deleted version {new}" in capsys.readouterr().out
         # The active version cannot be deleted; a wrong token and no server say so.
         assert main(["versions", "--url", url, "delete", old[:16]]) == 2

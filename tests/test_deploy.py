@@ -49,6 +49,7 @@ from packaging.requirements import Requirement
 
 from esans_sampler.artifact import artifact_to_files
 from esans_service.http_app import api, probes
+from esans_service.leases import LeaseKeeper, lease_remaining_s
 from esans_service.metrics import ServiceMetrics
 from esans_service.registry import CodebookRegistry
 from esans_service.security import CredentialFiles, SampleTokens
@@ -73,7 +74,7 @@ FILE_SETTINGS = (
     "ESANS_TLS_CLIENT_CA_FILE",
     "ESANS_SAMPLE_TOKENS_FILE",
 )
-SERVE_USER, ADMIN_USER = "esans-serve", "esans-admin"
+SERVE_USER, ADMIN_USER, LEASE_USER = "esans-serve", "esans-admin", "esans-lease"
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 # The exec probes of overlays/prod-mtls: the image's Python calling a path over HTTPS.
 _EXEC_PROBE_URL = 'https://127.0.0.1:%s%s" % (os.environ.get("ESANS_HTTP_PORT", "8000")'
@@ -904,6 +905,10 @@ def test_urls_use_the_acl_users() -> None:
             _secret_value(dev, {"name": "esans-sampler", "key": "redis-admin-url"}),
             compose["publish-demo"]["environment"]["ESANS_REDIS_URL"],
         ],
+        LEASE_USER: [
+            _secret_value(dev, {"name": "esans-sampler", "key": "redis-lease-url"}),
+            compose["esans-sampler"]["environment"]["ESANS_REDIS_LEASE_URL"],
+        ],
     }
     for user, user_urls in urls.items():
         for url in user_urls:
@@ -990,6 +995,29 @@ def test_acl_users_on_a_real_redis(acl_redis: Path) -> None:
     finally:
         admin.close()
         serve.close()
+
+
+def test_acl_lease_user_writes_leases_and_nothing_else(acl_redis: Path) -> None:
+    """Replicas renew leases with the lease user: only SET on esans:lease:* keys."""
+    lease, admin = _client(acl_redis, LEASE_USER), _client(acl_redis, ADMIN_USER)
+    try:
+        keeper = LeaseKeeper(lease, "esans", ttl_s=60)
+        keeper.used("v" * 64)
+        assert keeper.renew_due() == ["v" * 64]
+        assert lease_remaining_s(admin, "esans", "v" * 64) is not None
+        for command in (
+            ("SET", "esans:active", "x"),
+            ("GET", "esans:active"),
+            ("GET", f"esans:lease:{'v' * 64}"),
+            ("DEL", f"esans:lease:{'v' * 64}"),
+            ("PUBLISH", "esans:events", "{}"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                lease.execute_command(*command)
+        assert _acl_users()[LEASE_USER].count("~esans:lease:*") == 1
+    finally:
+        lease.close()
+        admin.close()
 
 
 # ----------------------------------------------------------------------------- compose
