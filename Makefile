@@ -50,6 +50,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_service.py
 	$(BIN)/python benchmarks/bench_prefetch.py
 	$(BIN)/python benchmarks/bench_exclusions.py
+	$(BIN)/python benchmarks/bench_delta.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from esans_cli.assign import drift_text
 from esans_cli.summary import summary
 
 
@@ -34,6 +35,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'artifact':<20}{args.artifact}")
         print(f"{'version':<20}{artifact.version}")
         print(summary(artifact))
+        drift = artifact.metadata.get("delta")
+        baseline = artifact.metadata.get("quantisation_error")
+        if drift:
+            print(f"catalogue delta on {str(drift.get('base_version', ''))[:16]}:")
+            print("  " + drift_text(drift).replace("\n", "\n  "))
+        elif baseline:
+            errors = f"median {baseline['p50']:.3f}, p90 {baseline['p90']:.3f}"
+            print(f"{'quantisation error':<20}{errors} at build (the baseline of esans assign)")
     if args.codes:
         index = artifact.index
         table = np.column_stack([index.item_ids, index.primary, index.secondary])

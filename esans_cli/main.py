@@ -10,11 +10,12 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from esans_cli import build, demo, inspect, publish, serve, versions
+from esans_cli import assign, build, demo, inspect, publish, serve, versions
 from esans_sampler.errors import EsansError
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "build": build.run,
+    "assign": assign.run,
     "inspect": inspect.run,
     "demo": demo.run,
     "serve": serve.run,
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esans", description="ESANS negative sampling")
     parser.add_argument("--version", action="version", version=f"esans {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (build, inspect, demo, serve, publish, versions):
+    for module in (build, assign, inspect, demo, serve, publish, versions):
         module.add_parser(sub)
     sub.add_parser(  # parsed by esans_eval.cli, which needs the `eval` extra
         "eval", add_help=False, help="Recall@50/200 of a two-tower model trained on negatives "

@@ -16,6 +16,7 @@ import numpy.typing as npt
 from esans_sampler import __version__
 from esans_sampler.artifact import CodebookArtifact
 from esans_sampler.catalogue import Catalogue
+from esans_sampler.catalogue_delta import error_summary, quantisation_errors
 from esans_sampler.cluster_choice import cluster_choice_matrix
 from esans_sampler.cluster_index import ClusterIndex
 from esans_sampler.codebook import Codebook, l2_normalize
@@ -38,6 +39,16 @@ def msac_embeddings(codebook: Codebook, catalogue: Catalogue) -> npt.NDArray[np.
         embedded = codebook.embed(catalogue.rows(start, stop))
         out[start:stop] = l2_normalize(np.mean(np.stack(embedded), axis=0))
     return out
+
+
+def _catalogue_errors(codebook: Codebook, catalogue: Catalogue) -> npt.NDArray[np.float32]:
+    """Every item's primary quantisation error under the trained codebook."""
+    errors = np.empty(catalogue.num_items, dtype=np.float32)
+    for start in range(0, catalogue.num_items, _EMBED_CHUNK_ROWS):
+        stop = min(start + _EMBED_CHUNK_ROWS, catalogue.num_items)
+        chunk = dict(zip(codebook.modality_names, catalogue.rows(start, stop), strict=True))
+        errors[start:stop] = quantisation_errors(codebook, chunk)[0]
+    return errors
 
 
 def load_embedding_snapshot(path: str, num_items: int) -> npt.NDArray[np.float32]:
@@ -124,7 +135,15 @@ def build_artifact(
         ).as_dict(),
         "hard_coverage": hard_coverage(index.fine_sizes).as_dict(),
         "history": [asdict(epoch) for epoch in result.history],
-        "embeddings": None if snapshot is None else {"dim": int(snapshot.shape[1])},
+        "embeddings": None
+        if snapshot is None
+        else {
+            "dim": int(snapshot.shape[1]),
+            "source": "msac" if isinstance(embeddings, str) else "file",
+        },
+        # The baseline of drift checks (esans assign): errors and cluster sizes at build time.
+        "quantisation_error": error_summary(_catalogue_errors(codebook, catalogue)),
+        "build_cluster_sizes": index.cluster_sizes.astype(int).tolist(),
     }
     return CodebookArtifact(
         codebook=codebook,

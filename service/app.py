@@ -260,6 +260,8 @@ class ServiceRuntime:
 
     def _on_swap(self, version: str) -> None:
         self.metrics.codebook_swapped(version)
+        if self._registry is not None:
+            self.metrics.catalogue_changed(self._registry.get().artifact.metadata)
         if self._grpc is not None:
             self._grpc.refresh_health()
 

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from esans_sampler.artifact import artifact_from_files
+from esans_sampler.catalogue_delta import is_delta
 from esans_sampler.contract.messages import (
     info_to_json,
     json_request_fields,
@@ -42,6 +43,7 @@ from esans_sampler.errors import (
     UnavailableError,
 )
 from esans_service.core import SampleResult, SamplingService
+from esans_service.deltas import publish_delta
 from esans_service.errors import ErrorReport, describe, status_code
 from esans_service.http_limits import BodyLimit
 from esans_service.registry import CodebookRegistry
@@ -245,7 +247,8 @@ async def upload_artifact(
 ) -> dict[str, Any]:
     """Publish an artifact sent as a tar(.gz) or zip of its directory, or as multipart
     files; it is verified before it is stored and, as with ``esans publish``, activated
-    unless ``?activate=false`` (then only stored, like ``esans publish --no-activate``)."""
+    unless ``?activate=false`` (then only stored, like ``esans publish --no-activate``). A
+    catalogue delta (``esans assign``) is applied to its base version and published whole."""
     settings: Settings = request.app.state.settings
     body = await _read_body(request, settings.max_upload_bytes)
     content_type = request.headers.get("content-type", "")
@@ -306,8 +309,11 @@ def _store_call(call: Callable[[], T]) -> T:
 def _publish(
     store: CodebookStore, registry: CodebookRegistry, files: dict[str, bytes], activate: bool
 ) -> str:
-    artifact_from_files(files, verify=True)  # refuse a damaged upload before touching Redis
-    version = _store_call(lambda: store.publish(files, activate=activate))
+    if is_delta(files):  # a catalogue delta from `esans assign`: base from the store + delta
+        version = _store_call(lambda: publish_delta(store, files, activate=activate)[0])
+    else:
+        artifact_from_files(files, verify=True)  # refuse a damaged upload before Redis
+        version = _store_call(lambda: store.publish(files, activate=activate))
     if activate:
         registry.refresh()
     return version

@@ -8,9 +8,10 @@ helper both transports use.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -95,6 +96,14 @@ class ServiceMetrics:
             ["kind"],
             registry=r,
         )
+        self.catalogue_drift = Gauge(
+            "esans_catalogue_drift",
+            "Drift of the active codebook's catalogue since its build (esans assign): "
+            "added_share, error_ratio (new items' median quantisation error over the build's), "
+            "max_cluster_growth, rebuild_recommended (1 = rebuild with esans build)",
+            ["measure"],
+            registry=r,
+        )
         self.negatives = Counter(
             "esans_negatives_served",
             "Negatives returned, by sampler and kind (simple, hard, virtual_simple, virtual_hard)",
@@ -151,6 +160,19 @@ class ServiceMetrics:
         """Registry ``on_swap`` callback."""
         self.swaps.inc()
         self.active_codebook.info({"version": version})
+
+    def catalogue_changed(self, metadata: Mapping[str, Any]) -> None:
+        """Export the drift of the active codebook (0 for a fresh build)."""
+        drift = metadata.get("delta") or {}
+        growth = (drift.get("largest_cluster_growth") or {}).get("growth", 0.0)
+        values = {
+            "added_share": drift.get("added_share_since_build", 0.0),
+            "error_ratio": drift.get("error_ratio_p50") or 0.0,
+            "max_cluster_growth": growth,
+            "rebuild_recommended": 1.0 if drift.get("rebuild") else 0.0,
+        }
+        for measure, value in values.items():
+            self.catalogue_drift.labels(measure=measure).set(float(value))
 
     def store_error(self, exc: Exception) -> None:
         """Registry ``on_store_error`` callback."""

@@ -16,15 +16,18 @@ import zipfile
 from pathlib import PurePosixPath
 
 from esans_sampler.artifact import DATA_FILES, MANIFEST
+from esans_sampler.catalogue_delta import DELTA_ARRAYS, DELTA_MANIFEST
 from esans_sampler.errors import InvalidInputError, PayloadTooLargeError
 
 logger = logging.getLogger(__name__)
 
 ARTIFACT_FILES = frozenset((MANIFEST, *DATA_FILES))
+DELTA_FILES = frozenset((DELTA_MANIFEST, DELTA_ARRAYS))
 
 
 def unpack_upload(body: bytes, content_type: str, limit: int) -> dict[str, bytes]:
-    """Artifact files (name -> bytes) of an upload: multipart, zip, tar or tar.gz.
+    """Artifact (or catalogue delta) files, name -> bytes, of an upload: multipart, zip, tar
+    or tar.gz.
 
     Only the artifact's own file names are taken (directories inside the archive are
     ignored, so ``tar czf a.tgz artifact/`` works); links, devices and files past ``limit``
@@ -41,15 +44,16 @@ def unpack_upload(body: bytes, content_type: str, limit: int) -> dict[str, bytes
     files: dict[str, bytes] = {}
     for path, data in members:
         name = PurePosixPath(path).name
-        if name not in ARTIFACT_FILES:
+        if name not in ARTIFACT_FILES and name not in DELTA_FILES:
             logger.info("upload: ignoring %s (not an artifact file)", path)
             continue
         if name in files:
             raise InvalidInputError(f"the upload holds {name} twice")
         files[name] = data
-    if MANIFEST not in files:
+    if MANIFEST not in files and DELTA_MANIFEST not in files:
         raise InvalidInputError(
-            f"the upload has no {MANIFEST}; send the directory written by `esans build`"
+            f"the upload has no {MANIFEST} (nor {DELTA_MANIFEST}); send the directory written "
+            "by `esans build` (or by `esans assign`)"
         )
     return files
 

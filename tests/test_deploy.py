@@ -1057,6 +1057,10 @@ def _exported_samples() -> dict[str, set[str]]:
     metrics.codebook_swapped("v1")
     metrics.store_error(RuntimeError())
     metrics.watch_stale(lambda: False)
+    metrics.catalogue_changed({"delta": {"added_share_since_build": 0.1, "rebuild": False}})
+    metrics.unauthenticated.labels(transport="grpc").inc()
+    metrics.trainer_calls.labels(trainer="t", transport="grpc").inc()
+    metrics.credential_reloads.labels(kind="tls").inc()
     samples: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         for sample in family.samples:
@@ -1087,6 +1091,19 @@ def test_grafana_queries_only_real_metrics() -> None:
     families = {re.sub(r"_(total|bucket|sum|count|info)$", "", name) for name in used}
     exported = {re.sub(r"_(total|bucket|sum|count|info|created)$", "", n) for n in samples}
     assert families == exported, f"not on the dashboard: {exported - families}"
+
+
+def test_alert_rules_use_real_metrics() -> None:
+    rules = yaml.safe_load((DEPLOY / "grafana" / "alerts.yaml").read_text())
+    samples = _exported_samples()
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert {"EsansCodebookNeedsRebuild", "EsansCodebookStale"} <= {a["alert"] for a in alerts}
+    for alert in alerts:
+        text = alert["expr"] + json.dumps(alert.get("annotations", {}))
+        names = set(re.findall(r"\besans_[a-z_]+\b", text))
+        assert names and names <= set(samples), f"{alert['alert']}: {names - set(samples)}"
+    drift = next(a for a in alerts if a["alert"] == "EsansCodebookNeedsRebuild")
+    assert 'measure="rebuild_recommended"' in drift["expr"]
 
 
 # ----------------------------------------------------------------------------- Dockerfile
