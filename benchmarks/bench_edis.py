@@ -22,6 +22,7 @@ for _var in (
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
@@ -136,6 +137,21 @@ def main() -> None:
     print(f"  speed-up       : {loop_median / vec_median:,.0f}x")
     verdict = "met" if vec_median <= TARGET_MS else "MISSED"
     print(f"  target <= {TARGET_MS} ms per batch (median): {verdict}")
+    print(
+        json.dumps(
+            {
+                "benchmark": "edis",
+                "edis_ms": float(vec_median),
+                "edis_p99_ms": float(vec_p99),
+                "edis_target_ms": TARGET_MS,
+                "loop_ms": float(loop_median),
+                "speedup_vs_loop": float(loop_median / vec_median),
+                "batch": args.batch,
+                "items": args.items,
+                "dim": args.dim,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"  # one core: set before numpy is imported
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
@@ -226,6 +227,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     target = "met" if alias <= 100 else "MISSED"
     print(
         f"alias table of K_p={args.primary} rows, best of 3: {alias:.1f} ms (<= 100 ms: {target})"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "sampler",
+                "esans_ms": vectorised.median_ms,
+                "esans_p99_ms": vectorised.p99_ms,
+                "esans_target_ms": 0.2,
+                "uniform_ms": uns.median_ms,
+                "loop_random_ms": looped.median_ms,
+                "loop_numpy_ms": looped_np.median_ms,
+                "speedup_vs_loop_random": looped.median_ms / vectorised.median_ms,
+                "speedup_vs_loop_numpy": looped_np.median_ms / vectorised.median_ms,
+                "alias_build_ms": alias,
+                "alias_build_target_ms": 100,
+                "batch": args.batch,
+                "items": n,
+            }
+        )
     )
 
 

@@ -21,6 +21,7 @@ own channel (:class:`SamplerClient`). Every figure and every ratio is measured i
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import platform
@@ -40,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 IDS_REQ_PER_S_TARGET = 2000.0
+SERVER_CPU_MS_TARGET = 0.5  # ids only, B = 512: >= 2,000 req/s per core
 IDS_P99_MS_TARGET = 5.0
 PAYLOAD_GB_PER_S_TARGET = 1.2
 REDIS_COMMANDS_TARGET = 0.0
@@ -508,9 +510,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             # Warm: every worker makes _WARMUP_CALLS calls before its timed phase starts.
             before = _command_calls(rclient)
+            cpu_start = _process_cpu_s(server.pid)
             ids_only = grpc_phase(False, args.duration)
+            cpu_ids = _process_cpu_s(server.pid) - cpu_start
             with_emb = grpc_phase(True, args.emb_duration)
+            cpu_emb = _process_cpu_s(server.pid) - cpu_start - cpu_ids
             after = _command_calls(rclient)
+            # Server CPU per request: every call the phase made, its warm-up calls included.
+            warmup = args.concurrency * _WARMUP_CALLS
+            cpu_ms_ids = 1000 * cpu_ids / max(ids_only.requests + ids_only.errors + warmup, 1)
+            cpu_ms_emb = 1000 * cpu_emb / max(with_emb.requests + with_emb.errors + warmup, 1)
             own_info_calls = 1  # the "before" INFO; the "after" one counts itself afterwards
             delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
             delta["info"] = delta.get("info", 0) - own_info_calls
@@ -619,10 +628,46 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("Redis cmds / warm req", f"{redis_per_request:.4f}", "= 0",
          _status(redis_per_request <= REDIS_COMMANDS_TARGET)),
     ]  # fmt: skip
+    rows += [
+        ("server CPU ms / request", f"{cpu_ms_ids:.3f}", f"<= {SERVER_CPU_MS_TARGET:g}",
+         _status(cpu_ms_ids <= SERVER_CPU_MS_TARGET)),
+        ("  with embeddings", f"{cpu_ms_emb:.3f}", "", ""),
+    ]  # fmt: skip
     print(f"{'metric':24s} {'measured':>16s} {'target':>12s}  status")
     for metric, value, goal, status in rows:
         print(f"{metric:24s} {value:>16s} {goal:>12s}  {status}")
     print(f"total {time.monotonic() - wall:.0f} s")
+    print(
+        json.dumps(
+            {
+                "benchmark": "service",
+                "workers": 1,
+                "server_cpu_ms_per_request": cpu_ms_ids,
+                "server_cpu_ms_per_request_embeddings": cpu_ms_emb,
+                "server_cpu_ms_per_request_target": SERVER_CPU_MS_TARGET,
+                "ids_req_per_s": ids_only.per_second,
+                "ids_p50_ms": p50,
+                "ids_p99_ms": p99,
+                "in_process_sampler_ms": sampler_ms,
+                "embeddings_gb_per_s": gbps,
+                "bare_grpc_gb_per_s": bare_gbps,
+                "raw_socket_gb_per_s": raw_gbps,
+                "embeddings_vs_bare_grpc": gbps / bare_gbps,
+                "embeddings_vs_bare_grpc_target": 0.8,
+                "redis_commands_per_warm_request": redis_per_request,
+                "batch": args.batch,
+                "concurrency": args.concurrency,
+                "items": args.items,
+            }
+        )
+    )
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and all its threads so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
