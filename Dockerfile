@@ -64,6 +64,6 @@ EXPOSE 50051 8000
 # Liveness only (/healthz): /readyz is for load balancers, and a replica without a codebook
 # yet is alive. Python's urllib, so the image needs no curl.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('ESANS_HTTP_PORT', '8000'), timeout=4)"]
+    CMD ["python", "-m", "esans_service.healthcheck"]
 ENTRYPOINT ["esans"]
 CMD ["serve"]

@@ -1145,7 +1145,8 @@ def test_dockerfile_stages() -> None:
     users = [line.split()[1] for line in stages["serve"] if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] == "10001"
     assert re.search(r'ENTRYPOINT \["esans"\]', serve) and re.search(r'CMD \["serve"\]', serve)
-    assert "EXPOSE 50051 8000" in serve and "/healthz" in serve and "ESANS_DATA_DIR=/data" in serve
+    assert "EXPOSE 50051 8000" in serve and "ESANS_DATA_DIR=/data" in serve
+    assert 'CMD ["python", "-m", "esans_service.healthcheck"]' in serve  # /healthz, TLS or not
     # torch is pinned where it is installed (Makefile, build image), the same release in
     # both, and the package's [build] extra admits it.
     (pin,) = set(re.findall(r"torch==([0-9.]+)", (ROOT / "Makefile").read_text()))

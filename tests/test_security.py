@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -478,3 +480,20 @@ def test_errors_never_echo_credentials(serving: type[ServiceRuntime], tokens_fil
     ):
         client.sample(IDS)
     assert secret not in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", ["plain", "tls", "mtls"])
+def test_container_healthcheck_speaks_the_replicas_transport(
+    pki: Pki, serving: type[ServiceRuntime], mode: str
+) -> None:
+    settings = {} if mode == "plain" else _tls_settings(pki, mutual=mode == "mtls")
+    runtime = serving(**settings).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESANS_")}
+    env["ESANS_HTTP_PORT"] = str(runtime.http_port)
+    env |= {f"ESANS_{k.upper()}": str(v) for k, v in settings.items()}
+    check = [sys.executable, "-m", "esans_service.healthcheck"]
+    assert subprocess.run(check, env=env, timeout=30, check=False).returncode == 0
+    env["ESANS_HTTP_PORT"] = str(free_port())  # nothing there
+    assert (
+        subprocess.run(check, env=env, timeout=30, check=False, capture_output=True).returncode == 1
+    )
