@@ -516,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             with_emb = grpc_phase(True, args.emb_duration)
             cpu_emb = _process_cpu_s(server.pid) - cpu_start - cpu_ids
             after = _command_calls(rclient)
+            server_rss_mb = _rss_mb(server.pid)
+            redis_mb = int(rclient.info("memory")["used_memory"]) / 2**20
             # Server CPU per request: every call the phase made, its warm-up calls included.
             warmup = args.concurrency * _WARMUP_CALLS
             cpu_ms_ids = 1000 * cpu_ids / max(ids_only.requests + ids_only.errors + warmup, 1)
@@ -592,7 +594,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print(
         f"setup: build {build_s:.1f} s, publish {publish_s:.1f} s, server load "
-        f"{load_s:.1f} s; codebook {version[:16]}"
+        f"{load_s:.1f} s; codebook {version[:16]}; server RSS {server_rss_mb:,.0f} MB after the "
+        f"load phases, Redis used memory {redis_mb:,.0f} MB"
     )
     print(
         f"in-process EsansSampler.sample: median {sampler_ms:.3f} ms, p99 "
@@ -658,9 +661,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "batch": args.batch,
                 "concurrency": args.concurrency,
                 "items": args.items,
+                "publish_s": publish_s,
+                "replica_load_s": load_s,
+                "server_rss_mb": server_rss_mb,
+                "redis_used_memory_mb": redis_mb,
             }
         )
     )
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _process_cpu_s(pid: int) -> float:
