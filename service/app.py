@@ -20,6 +20,8 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import redis
@@ -40,6 +42,7 @@ from esans_service.registry import CodebookRegistry
 from esans_service.security import CredentialFiles, FileWatcher, SampleTokens
 from esans_service.settings import Settings
 from esans_service.store import CodebookStore
+from esans_service.worker_metrics import ExpositionWriter
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +86,16 @@ def connect_redis(settings: Settings) -> tuple[redis.Redis, EmbeddedRedis | None
     return client, embedded
 
 
+@dataclass(frozen=True)
+class WorkerSlot:
+    """What a worker process of a multi-worker replica gets from its supervisor: its index,
+    the HTTP socket all workers accept on, and the directory where they share metrics."""
+
+    index: int
+    http_socket: socket.socket
+    metrics_dir: Path
+
+
 def _redact(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if "@" not in rest:
@@ -116,9 +129,11 @@ class ServiceRuntime:
     port 0), ``store``, ``registry`` and ``service`` the live objects.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: WorkerSlot | None = None) -> None:
         self.settings = settings
+        self.worker = worker
         self.metrics = ServiceMetrics()
+        self._metrics_writer: ExpositionWriter | None = None
         self.grpc_port = 0
         self.http_port = 0
         self._client: redis.Redis | None = None
@@ -183,10 +198,15 @@ class ServiceRuntime:
                     "one is published (esans publish)"
                 )
             self._grpc, self.grpc_port = create_grpc_server(
-                s, self._service, self._credentials, self._tokens
+                s, self._service, self._credentials, self._tokens, self.worker is not None
             )
             self._grpc.start()
             self._start_http()
+            if self.worker is not None:
+                self.metrics.worker_up.labels(worker=str(self.worker.index)).set(1)
+                path = self.worker.metrics_dir / f"worker-{self.worker.index}.prom"
+                self._metrics_writer = ExpositionWriter(path, lambda: self.metrics.render()[0])
+                self._metrics_writer.start()
         except BaseException:
             self.stop(grace=0)
             raise
@@ -267,8 +287,11 @@ class ServiceRuntime:
 
     def _start_http(self) -> None:
         s = self.settings
-        app = create_app(s, self.service, self.store, self.registry, self._tokens)
-        sock = _bind(s.http_host, s.http_port)
+        worker = self.worker
+        metrics_dir = None if worker is None else worker.metrics_dir
+        app = create_app(s, self.service, self.store, self.registry, self._tokens, metrics_dir)
+        # A worker serves on the socket its supervisor bound; the kernel spreads connections.
+        sock = _bind(s.http_host, s.http_port) if worker is None else worker.http_socket
         self.http_port = int(sock.getsockname()[1])
         config = uvicorn.Config(
             app,
@@ -332,6 +355,11 @@ class ServiceRuntime:
                 logger.warning("the HTTP server did not stop within the grace period")
         if self._http_socket is not None:
             self._http_socket.close()  # uvicorn served on it; closing twice is harmless
+        if self._metrics_writer is not None:
+            self.metrics.worker_up.labels(worker=str(self.worker.index if self.worker else 0)).set(
+                0
+            )
+            self._metrics_writer.stop()
         if self._watcher is not None:
             self._watcher.stop()
         if self._leases is not None:
@@ -370,8 +398,14 @@ def limit_native_threads(threads: int) -> None:
 def run_server(settings: Settings) -> None:
     """Run the service until SIGTERM or SIGINT, then drain and stop (for ``esans serve``).
 
-    Must be called from the main thread (signal handlers).
+    Must be called from the main thread (signal handlers). With ``settings.workers > 1`` the
+    process supervises that many workers (:mod:`esans_service.workers`).
     """
+    if settings.workers > 1:
+        from esans_service.workers import run_workers
+
+        run_workers(settings)
+        return
     configure_logging(settings.log_level)
     limit_native_threads(settings.blas_threads)
     stop = threading.Event()

@@ -222,6 +222,7 @@ def create_grpc_server(
     service: SamplingService,
     credentials: CredentialFiles | None = None,
     tokens: SampleTokens | None = None,
+    reuse_port: bool = False,
 ) -> tuple[GrpcServer, int]:
     """An unstarted server bound to ``settings.grpc_host:grpc_port`` (0 = a free port), over
     TLS with ``credentials`` (re-read on each handshake after they change), sampling behind
@@ -240,7 +241,8 @@ def create_grpc_server(
         options=[
             ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
             ("grpc.max_receive_message_length", max_receive),
-            ("grpc.so_reuseport", 0),
+            # Several worker processes share the port (SO_REUSEPORT); one alone must own it.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             # Limits against abuse: calls per connection, ping floods, idle connections.
             ("grpc.max_concurrent_streams", settings.grpc_max_streams_per_connection),
             (

@@ -141,6 +141,7 @@ def serve_process(
         "http_port": http_port,
         "log_level": "WARNING",
         "shutdown_grace_s": 5,
+        "workers": 1,  # one process unless a test asks for more
     }
     if redis_url is not None:
         values["redis_url"] = redis_url

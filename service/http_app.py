@@ -16,6 +16,7 @@ import datetime as dt
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import redis
@@ -51,6 +52,7 @@ from esans_service.security import SampleTokens
 from esans_service.settings import Settings
 from esans_service.store import CodebookStore
 from esans_service.uploads import unpack_upload
+from esans_service.worker_metrics import read_all
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("esans_service.admin")
@@ -201,9 +203,12 @@ def readyz(service: Service, store: Store, registry: Registry) -> JSONResponse:
 
 
 @probes.get("/metrics")
-def metrics(service: Service) -> Response:
-    """Prometheus text exposition of this instance's metrics."""
+def metrics(request: Request, service: Service) -> Response:
+    """Prometheus text exposition of this replica's metrics (every worker's, merged)."""
     content, content_type = service.metrics.render()
+    directory: Path | None = request.app.state.metrics_dir
+    if directory is not None:
+        content = read_all(directory)
     return Response(content=content, media_type=content_type)
 
 
@@ -412,9 +417,11 @@ def create_app(
     store: CodebookStore,
     registry: CodebookRegistry,
     tokens: SampleTokens | None = None,
+    metrics_dir: Path | None = None,
 ) -> FastAPI:
     """The FastAPI app over ``service`` (sampling), ``store`` and ``registry`` (admin); the
-    sampling routes need one of ``tokens`` when given."""
+    sampling routes need one of ``tokens`` when given; ``/metrics`` merges the worker files
+    of ``metrics_dir`` when given."""
     app = FastAPI(
         title="esans-sampler",
         version="1",
@@ -425,6 +432,7 @@ def create_app(
     app.state.store = store
     app.state.registry = registry
     app.state.tokens = tokens
+    app.state.metrics_dir = metrics_dir
     app.include_router(api)
     app.include_router(probes)
     app.include_router(admin)

@@ -96,6 +96,12 @@ class ServiceMetrics:
             ["kind"],
             registry=r,
         )
+        self.worker_up = Gauge(
+            "esans_worker_up",
+            "1 for each worker process serving (esans serve --workers); 0 once it stopped",
+            ["worker"],
+            registry=r,
+        )
         self.catalogue_drift = Gauge(
             "esans_catalogue_drift",
             "Drift of the active codebook's catalogue since its build (esans assign): "

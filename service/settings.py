@@ -118,6 +118,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=2048 * MIB, ge=1, description="admin artifact upload")
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     max_concurrency: int = Field(default_factory=_default_concurrency, ge=1)
+    workers: int = Field(
+        default_factory=lambda: available_cpus(),
+        ge=1,
+        description="worker processes of `esans serve` sharing the gRPC and HTTP ports; default: "
+        "the container's CPU limit (or the machine's CPUs)",
+    )
     blas_threads: int = Field(
         default=1,
         ge=1,

@@ -1,0 +1,147 @@
+"""A replica of several worker processes (``ESANS_WORKERS``): both ports shared, calls spread
+over the workers, one merged /metrics, version swaps reaching every worker, SIGTERM draining
+all of them."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import build_random_artifact
+from prometheus_client.parser import text_string_to_metric_families
+
+from esans_sampler.artifact import artifact_to_files
+from esans_sampler.client import HttpSamplerClient, SamplerClient
+from esans_sampler.errors import ResourceExhaustedError, UnavailableError
+from esans_service.embedded_redis import EmbeddedRedis
+from esans_service.harness import free_port, serve_process, wait_until_serving
+from esans_service.store import CodebookStore
+
+# The same ids in both versions, so a call is valid whichever version a worker serves.
+FIRST = build_random_artifact(seed=51, num_items=3000, dim=16, first_id=10**6)
+SECOND = build_random_artifact(seed=52, num_items=3000, dim=16, first_id=10**6)
+IDS = FIRST.index.item_ids[:64]
+
+
+def _requests(text: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "esans_requests"
+        for sample in family.samples
+        if sample.name == "esans_requests_total" and sample.labels["method"] != "/metrics"
+        and sample.labels["method"] != "/readyz"
+    )  # fmt: skip
+
+
+@pytest.fixture
+def replica(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str, str, Path]]:
+    namespace = f"workers-{tmp_path.name}"
+    with redis_server.client() as client:
+        version = CodebookStore(client, namespace=namespace).publish(artifact_to_files(FIRST))
+    log = tmp_path / "serve.log"
+    grpc_port, http_port = free_port(), free_port()
+    proc = serve_process(
+        redis_server.url, tmp_path, log, grpc_port, http_port,
+        workers=2, redis_namespace=namespace, log_level="INFO", shutdown_grace_s=10,
+    )  # fmt: skip
+    try:
+        wait_until_serving(proc, f"http://127.0.0.1:{http_port}", version, log, timeout_s=120)
+        yield proc, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_two_workers_share_the_ports_and_one_metrics_endpoint(
+    replica: tuple[subprocess.Popen[bytes], str, str, Path],
+) -> None:
+    _proc, target, url, log = replica
+    calls = 0
+    deadline = time.monotonic() + 60
+    # Until both workers are up and have served (each new channel is a new connection).
+    while True:
+        for _ in range(10):
+            with SamplerClient(target) as client:
+                assert client.sample(IDS).simple_ids.shape[0] == len(IDS)
+            with HttpSamplerClient(url) as client:
+                assert client.sample(IDS).simple_ids.shape[0] == len(IDS)
+            calls += 2
+        match = re.search(r"worker metrics in (\S+)", log.read_text())
+        assert match, log.read_text()[-2000:]
+        files = sorted(Path(match.group(1)).glob("worker-*.prom"))
+        time.sleep(1.2)  # workers write their counters every second
+        served = [_requests(path.read_text()) for path in files]
+        if len(served) == 2 and all(count > 0 for count in served):
+            break
+        assert time.monotonic() < deadline, f"calls did not reach both workers: {served}"
+    merged = httpx.get(f"{url}/metrics").text
+    assert 'esans_worker_up{worker="0"} 1.0' in merged
+    assert 'esans_worker_up{worker="1"} 1.0' in merged
+    assert _requests(merged) == pytest.approx(sum(served))
+    assert _requests(merged) >= calls
+
+
+def test_a_publish_reaches_every_worker_and_sigterm_drains_them_all(
+    replica: tuple[subprocess.Popen[bytes], str, str, Path], redis_server: EmbeddedRedis
+) -> None:
+    proc, target, _url, log = replica
+    with redis_server.client() as client:
+        stores = [k.decode() for k in client.keys("workers-*:active")]
+        store = CodebookStore(client, namespace=stores[0].rsplit(":", 1)[0])
+        new = store.publish(artifact_to_files(SECOND))
+    ids = SECOND.index.item_ids[:64]
+    deadline = time.monotonic() + 30
+    while True:  # fresh connections land on either worker: all must serve the new version
+        versions = set()
+        for _ in range(12):
+            with SamplerClient(target, retries=0) as client:
+                versions.add(client.sample(ids).codebook_version)
+        if versions == {new}:
+            break
+        assert time.monotonic() < deadline, f"workers still serve {versions - {new}}"
+        time.sleep(0.2)
+
+    # SIGTERM while heavy calls run on both workers: a call either completes or is refused
+    # cleanly as UNAVAILABLE before it starts; none is cut off; then every worker stops with
+    # nothing left in flight and the supervisor exits 0.
+    outcomes: list[str] = []
+    big = np.resize(ids, 2048)
+    signalled = threading.Event()
+
+    def heavy() -> None:
+        while True:
+            try:
+                with SamplerClient(target, retries=0) as client:
+                    reply = client.sample(big, return_embeddings=True, timeout_s=30)
+                assert reply.embeddings is not None and reply.embeddings.simple.shape[0] == 2048
+                outcomes.append("ok")
+            except (UnavailableError, ResourceExhaustedError):  # draining, or a busy worker
+                outcomes.append("refused")
+            if signalled.is_set():
+                return
+
+    threads = [threading.Thread(target=heavy) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    signalled.set()
+    for thread in threads:
+        thread.join(60)
+    assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    assert set(outcomes) <= {"ok", "refused"} and outcomes.count("ok") >= 4, outcomes
+    text = log.read_text()
+    assert text.count("stopped (0 requests still in flight)") == 2, text[-3000:]
+    assert "stopped (2 workers)" in text
