@@ -423,6 +423,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-requests", type=int, default=100_000, help="per worker, per phase")
     parser.add_argument("--sampler-repeats", type=int, default=2000, help="in-process calls")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes of the replica")
     parser.add_argument("--raw-sink", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--grpc-sink", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -495,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             # GETs per minute to the Redis count; the hot path is what is measured here.
             server = serve_process(
                 redis_server.url, work, log_path, grpc_port, http_port,
-                poll_interval_s=3600, shutdown_grace_s=2,
+                poll_interval_s=3600, shutdown_grace_s=2, workers=args.workers,
             )  # fmt: skip
             load_s = wait_until_serving(server, f"http://127.0.0.1:{http_port}", version, log_path)
 
@@ -644,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         json.dumps(
             {
                 "benchmark": "service",
-                "workers": 1,
+                "workers": args.workers,
                 "server_cpu_ms_per_request": cpu_ms_ids,
                 "server_cpu_ms_per_request_embeddings": cpu_ms_emb,
                 "server_cpu_ms_per_request_target": SERVER_CPU_MS_TARGET,
@@ -671,18 +672,40 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _rss_mb(pid: int) -> float:
-    """Resident memory of process ``pid`` (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of process ``pid`` and its live children, summed (Linux)."""
+    total = 0.0
+    for process in (pid, *_children(pid)):
+        try:
+            lines = Path(f"/proc/{process}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) / 1024 for line in lines if line.startswith("VmRSS:"))
+    return total
 
 
 def _process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` and all its threads so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    """User + system CPU seconds so far of process ``pid`` and its live children (the worker
+    processes of a multi-worker replica), all threads included (Linux)."""
+    ticks = 0
+    for child in (pid, *_children(pid)):
+        try:
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # ppid
+            found.append(int(stat.parent.name))
+    return found
 
 
 if __name__ == "__main__":

@@ -27,6 +27,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--namespace", help="Redis key namespace (default esans)")
     p.add_argument("--keep-versions", type=int, help="complete versions kept (default 5)")
     p.add_argument("--no-activate", action="store_true", help="store without activating")
+    p.add_argument(
+        "--allow-stale-base",
+        action="store_true",
+        help="publish a delta whose base is no longer the active version (drops what changed "
+        "since)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
         store = CodebookStore(client, settings.redis_namespace, settings.keep_versions)
         drift = None
         if is_delta(files):
-            version, drift = publish_delta(store, files, activate=not args.no_activate)
+            version, drift = publish_delta(
+                store, files, not args.no_activate, allow_stale_base=args.allow_stale_base
+            )
         else:
             version = store.publish(files, activate=not args.no_activate)
     except redis.RedisError as exc:

@@ -260,7 +260,8 @@ class MixedSampler:
             if exclude is not None and excluding:
                 # Batch positions whose id is excluded leave the row's in-batch proposal.
                 in_batch_rows, in_batch_count = np.unique(rows, return_counts=True)
-                at = np.minimum(np.searchsorted(in_batch_rows, exclude.rows), batch - 1)
+                at = np.searchsorted(in_batch_rows, exclude.rows)
+                at = np.minimum(at, in_batch_rows.size - 1)
                 hits = np.where(in_batch_rows[at] == exclude.rows, in_batch_count[at], 0)
                 not_positive = exclude.rows != rows[exclude.batch_of]
                 allowed = others - exclude.per_row_sum(np.where(not_positive, hits, 0)).astype(

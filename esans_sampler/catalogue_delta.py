@@ -202,7 +202,17 @@ def drift_report(
     ratio = None
     if baseline and new.get("count") and baseline.get("p50"):
         ratio = float(new["p50"]) / float(baseline["p50"])
+    earlier = meta.get("delta") or {}
+    # The worst fit of any delta since the build: well-fitting items added later do not make
+    # badly fitting ones served since then go away.
+    ratios = [r for r in (ratio, earlier.get("error_ratio_since_build")) if r is not None]
+    worst = max(ratios) if ratios else None
     reasons = []
+    if worst is not None and worst > REBUILD_ERROR_RATIO and (ratio is None or ratio < worst):
+        reasons.append(
+            f"items added by an earlier delta sit {worst:.2f}x as far from their primary "
+            f"codewords as the built ones (threshold {REBUILD_ERROR_RATIO})"
+        )
     if ratio is not None and ratio > REBUILD_ERROR_RATIO:
         reasons.append(
             f"new items sit {ratio:.2f}x as far from their primary codewords as the built "
@@ -231,6 +241,7 @@ def drift_report(
         "new_error": new,
         "build_error": baseline,
         "error_ratio_p50": ratio,
+        "error_ratio_since_build": worst,
         "rebuild": bool(reasons),
         "recommendation": ("rebuild the codebook (esans build): " + "; ".join(reasons))
         if reasons

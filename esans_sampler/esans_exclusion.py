@@ -92,24 +92,24 @@ class EsansExclusion:
         batch = self._exclude.batch
         m_c = draws // max(batch, 1)
         row_of_draw = np.arange(draws) // m_c
-        # Emptied clusters, and the cluster-choice mass they take from their row.
-        key_row, key_cluster = np.divmod(self._keys, s.index.num_primary)
+        # Emptied clusters, and the cluster-choice mass they take from their row (float64,
+        # from the matrix itself).
+        num_primary = s.index.num_primary
+        key_row, key_cluster = np.divmod(self._keys, num_primary)
         emptied = self._counts >= sizes[key_cluster]
-        p_of = choice.simple_log_q_flat[self._primary[key_row] * s.index.num_primary + key_cluster]
-        p_emptied = np.exp(p_of + s._log_cluster_size[key_cluster])
-        mass_left = 1.0 - np.bincount(key_row[emptied], weights=p_emptied[emptied], minlength=batch)
-        # Dead rows: every non-empty cluster other than their own emptied.
-        emptied_per_row = np.bincount(key_row[emptied], minlength=batch)
-        others = int((sizes > 0).sum()) - (sizes[self._primary] > 0)
-        dead = np.flatnonzero(emptied_per_row >= others)
+        p_emptied = choice.matrix[self._primary[key_row], key_cluster]
+        taken = np.bincount(key_row[emptied], weights=p_emptied[emptied], minlength=batch)
+        remaining = np.maximum(choice.matrix[self._primary].sum(axis=1) - taken, 0.0)
+        dead = np.flatnonzero(remaining <= 0.0)
         if dead.size:
             raise InvalidInputError(
                 f"row {int(dead[0])}'s exclusions empty every cluster its simple negatives "
                 "may come from"
             )
+        mass_left = remaining / choice.matrix[self._primary].sum(axis=1)
         redrawn = np.flatnonzero(self._excluded_in(row_of_draw, clusters) >= sizes[clusters])
         changed = redrawn
-        for _ in range(REJECTION_ROUNDS * 4):
+        for _ in range(REJECTION_ROUNDS):
             if redrawn.size == 0:
                 break
             clusters[redrawn] = choice.table.draw_flat_with(
@@ -117,8 +117,11 @@ class EsansExclusion:
             )
             still = self._excluded_in(row_of_draw[redrawn], clusters[redrawn])
             redrawn = redrawn[still >= sizes[clusters[redrawn]]]
-        if redrawn.size:
-            raise InvalidInputError("exclusions leave too little to draw simple negatives from")
+        for draw in redrawn:  # rows whose choice sits mostly on emptied clusters: exactly
+            b = int(row_of_draw[draw])
+            weights = choice.matrix[self._primary[b]].copy()
+            weights[key_cluster[emptied & (key_row == b)]] = 0.0
+            clusters[draw] = rng.choice(num_primary, p=weights / weights.sum())
         if changed.size:  # new clusters: new items for every slot of those draws
             u = rng.random((position.shape[0], changed.size)) * sizes[clusters[changed]]
             position[:, changed] = offsets[clusters[changed]] + u.astype(np.int64)

@@ -185,14 +185,19 @@ def allowed_rows(exclusions: Exclusions, b: int, positive_row: int) -> IdArray:
 
 
 def to_csr(per_row: Sequence[npt.ArrayLike]) -> tuple[IdArray, IdArray]:
-    """Per-row id lists as the request's (exclude_ids, exclude_offsets)."""
-    arrays = [np.asarray(ids).ravel() for ids in per_row]
-    for ids in arrays:
-        if ids.size and ids.dtype.kind not in "iu":
-            raise InvalidInputError(f"exclusions must be integer ids, got dtype {ids.dtype}")
-    lengths = np.array([ids.size for ids in arrays], dtype=np.int64)
+    """Per-row id lists as the request's (exclude_ids, exclude_offsets); each row is checked
+    and converted to int64 on its own, so rows of different dtypes never mix into floats."""
+    arrays = []
+    for ids in per_row:
+        row = np.asarray(ids).ravel()
+        if row.size and row.dtype.kind not in "iu":
+            raise InvalidInputError(f"exclusions must be integer ids, got dtype {row.dtype}")
+        if row.size and row.dtype.kind == "u" and row.max() > np.iinfo(np.int64).max:
+            raise InvalidInputError("exclusions must fit in int64")
+        arrays.append(row.astype(np.int64))
+    lengths = np.array([row.size for row in arrays], dtype=np.int64)
     offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
-    flat = np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, np.int64)
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
     return flat, offsets
 
 

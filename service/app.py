@@ -148,7 +148,8 @@ class ServiceRuntime:
         self._leases: LeaseKeeper | None = None
         self._lease_client: redis.Redis | None = None
         self._credentials: CredentialFiles | None = None
-        self._http_tls: ssl.SSLContext | None = None
+        self._http_tls: ssl.SSLContext | None = None  # what uvicorn serves with
+        self._http_tls_current: ssl.SSLContext | None = None  # the newest generation
         self._tokens: SampleTokens | None = None
         self._watcher: FileWatcher | None = None
         self._stopped = False
@@ -254,7 +255,9 @@ class ServiceRuntime:
         if not self._credentials.check(force):
             return False
         if self._http_tls is not None:
-            self._credentials.load_into(self._http_tls)  # gRPC asks on its next handshake
+            # A fresh context per generation, swapped in by the handshake's SNI callback: a
+            # context in use is never changed. (gRPC asks on its next handshake.)
+            self._http_tls_current = self._credentials.server_context()
         self.metrics.credential_reloads.labels(kind="tls").inc()
         return True
 
@@ -264,6 +267,13 @@ class ServiceRuntime:
         if changed:
             self.metrics.credential_reloads.labels(kind="tokens").inc()
         return changed
+
+    def _select_tls_context(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, name: str | None, served: ssl.SSLContext
+    ) -> None:
+        current = self._http_tls_current
+        if current is not None and current is not served:
+            connection.context = current
 
     def reload_credentials(self) -> None:
         """Re-read the certificate and token files now (SIGHUP)."""
@@ -307,6 +317,8 @@ class ServiceRuntime:
         if self._credentials is not None:
             # Our own context, so a rotated certificate can be loaded into it in place.
             self._http_tls = self._credentials.server_context()
+            self._http_tls_current = self._http_tls
+            self._http_tls.sni_callback = self._select_tls_context
             config.ssl = self._http_tls
         server = uvicorn.Server(config)
         thread = threading.Thread(

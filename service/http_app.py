@@ -249,6 +249,7 @@ async def upload_artifact(
     store: Store,
     registry: Registry,
     activate: Annotated[bool, Query()] = True,
+    allow_stale_base: Annotated[bool, Query()] = False,
 ) -> dict[str, Any]:
     """Publish an artifact sent as a tar(.gz) or zip of its directory, or as multipart
     files; it is verified before it is stored and, as with ``esans publish``, activated
@@ -258,7 +259,7 @@ async def upload_artifact(
     body = await _read_body(request, settings.max_upload_bytes)
     content_type = request.headers.get("content-type", "")
     files = await run_in_threadpool(unpack_upload, body, content_type, settings.max_upload_bytes)
-    version = await run_in_threadpool(_publish, store, registry, files, activate)
+    version = await run_in_threadpool(_publish, store, registry, files, activate, allow_stale_base)
     audit.info("admin published codebook %s (activate=%s)", version, activate)
     return {
         "version": version,
@@ -312,10 +313,14 @@ def _store_call(call: Callable[[], T]) -> T:
 
 
 def _publish(
-    store: CodebookStore, registry: CodebookRegistry, files: dict[str, bytes], activate: bool
+    store: CodebookStore,
+    registry: CodebookRegistry,
+    files: dict[str, bytes],
+    activate: bool,
+    allow_stale_base: bool = False,
 ) -> str:
     if is_delta(files):  # a catalogue delta from `esans assign`: base from the store + delta
-        version = _store_call(lambda: publish_delta(store, files, activate=activate)[0])
+        version = _store_call(lambda: publish_delta(store, files, activate, allow_stale_base)[0])
     else:
         artifact_from_files(files, verify=True)  # refuse a damaged upload before Redis
         version = _store_call(lambda: store.publish(files, activate=activate))

@@ -109,8 +109,9 @@ def deadline_protocol(header_timeout_s: float) -> type[H11Protocol]:
                 self._disarm()  # a new request's headers have all arrived
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
+            before = self.cycle
+            super().on_response_complete()  # may start a pipelined request already received
+            if self.cycle is before and not self.transport.is_closing():
                 self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:

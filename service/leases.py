@@ -60,6 +60,7 @@ class LeaseKeeper:
         self._renewed: dict[str, float] = {}
         self._holder = json.dumps({"replica": socket.gethostname()})
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="esans-leases", daemon=True)
         self._on_error = on_error
 
@@ -69,8 +70,11 @@ class LeaseKeeper:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def used(self, version: str) -> None:
+        if version not in self._used:
+            self._wake.set()  # a run starts pinning it: lease it now, not at the next tick
         self._used[version] = time.monotonic()
 
     def renew_due(self) -> list[str]:
@@ -98,7 +102,11 @@ class LeaseKeeper:
         return renewed
 
     def _run(self) -> None:
-        while not self._stop.wait(_TICK_S):
+        while not self._stop.is_set():
+            self._wake.wait(_TICK_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.renew_due()
             except Exception:  # the keeper must outlive anything

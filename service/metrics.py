@@ -105,7 +105,8 @@ class ServiceMetrics:
         self.catalogue_drift = Gauge(
             "esans_catalogue_drift",
             "Drift of the active codebook's catalogue since its build (esans assign): "
-            "added_share, error_ratio (new items' median quantisation error over the build's), "
+            "added_share, error_ratio (the worst new items' median quantisation error over the "
+            "build's, of any delta since the build), "
             "max_cluster_growth, rebuild_recommended (1 = rebuild with esans build)",
             ["measure"],
             registry=r,
@@ -173,7 +174,7 @@ class ServiceMetrics:
         growth = (drift.get("largest_cluster_growth") or {}).get("growth", 0.0)
         values = {
             "added_share": drift.get("added_share_since_build", 0.0),
-            "error_ratio": drift.get("error_ratio_p50") or 0.0,
+            "error_ratio": drift.get("error_ratio_since_build") or 0.0,
             "max_cluster_growth": growth,
             "rebuild_recommended": 1.0 if drift.get("rebuild") else 0.0,
         }

@@ -502,7 +502,8 @@ class CodebookRegistry:
             if active is not None and version == active.version:
                 continue
             try:
-                gone = not self._store.client.exists(self._store.meta_key(version))
+                # HGET, not EXISTS: the read-only serving ACL user may run it.
+                gone = self._store.client.hget(self._store.meta_key(version), "created_at") is None
             except redis.RedisError:
                 return  # unreachable: keep serving what is loaded
             if gone:

@@ -79,7 +79,7 @@ class CredentialFiles:
                 return False
             try:
                 material = self._load(self._material.generation + 1)
-            except (OSError, ssl.SSLError, InvalidInputError) as exc:
+            except (OSError, ValueError) as exc:  # SSLError is an OSError; InvalidInputError
                 logger.error("TLS files changed but cannot be used, keeping the old ones: %s", exc)
                 return False
             self._stamp = stamp
@@ -104,8 +104,7 @@ class CredentialFiles:
         return context
 
     def load_into(self, context: ssl.SSLContext) -> None:
-        """Put the current certificate (and client CA) into ``context``; new handshakes use
-        them. A CA once trusted stays trusted in this context until a restart."""
+        """Put the current certificate (and client CA) into a new ``context``."""
         with self._lock:
             cert_file, key_file, ca_file = self._material.copies
             context.load_cert_chain(cert_file, key_file)
@@ -195,7 +194,7 @@ class SampleTokens:
                 return False
             try:
                 tokens = self._load()
-            except (OSError, InvalidInputError) as exc:
+            except (OSError, ValueError) as exc:  # InvalidInputError, undecodable bytes
                 logger.error("the sample tokens file cannot be used, keeping the old one: %s", exc)
                 return False
             self._stamp, changed = stamp, tokens != self._tokens
@@ -290,7 +289,10 @@ class FileWatcher:
 
     def now(self) -> None:
         for check in self._checks:
-            check(True)
+            try:
+                check(True)
+            except Exception:  # a bad file must not take the server down
+                logger.exception("re-reading credential files failed")
 
     def stop(self) -> None:
         self._stop.set()

@@ -157,7 +157,10 @@ class Settings(BaseSettings):
         "'Authorization: Bearer <token>'",
     )
     max_request_bytes: int = Field(
-        default=4 * MIB, ge=1024, description="largest HTTP sampling request body (413 beyond)"
+        default=8 * MIB,
+        ge=1024,
+        description="largest HTTP sampling request body (413 beyond); the default holds "
+        "max_batch ids and max_excluded_ids exclusions as JSON",
     )
     grpc_max_streams_per_connection: int = Field(
         default=64, ge=1, description="concurrent calls one gRPC connection may hold"

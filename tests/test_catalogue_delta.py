@@ -24,7 +24,7 @@ from esans_sampler.catalogue_delta import (
     delta_to_files,
 )
 from esans_sampler.client import SamplerClient
-from esans_sampler.errors import ArtifactError, InvalidInputError
+from esans_sampler.errors import ArtifactError, FailedPreconditionError, InvalidInputError
 from esans_sampler.synthetic import make_planted_catalogue
 from esans_service.app import ServiceRuntime
 from esans_service.deltas import publish_delta
@@ -110,6 +110,22 @@ def test_drift_report_tells_in_distribution_from_shifted_items(
     bulk = assign_delta(base, new["ids"], {k: new[k] for k in WIDTHS})
     assert bulk.drift["added_share_since_build"] == pytest.approx(300 / 900)
     assert "added since the build" in bulk.drift["recommendation"]
+
+
+def test_a_bad_fit_keeps_asking_for_a_rebuild_after_later_good_deltas(
+    built: tuple[Path, dict[str, np.ndarray]],
+) -> None:
+    base = load_artifact(built[0])
+    _, new = built
+    rng = np.random.default_rng(1)
+    shifted = {k: rng.normal(size=(20, w)).astype(np.float32) * 3 for k, w in WIDTHS.items()}
+    first = assign_delta(base, new["ids"][:20], shifted)
+    assert first.drift["rebuild"]
+    after = apply_delta(base, first)
+    good = assign_delta(after, new["ids"][20:140], {k: new[k][20:140] for k in WIDTHS})
+    assert good.drift["error_ratio_p50"] == pytest.approx(1.0, abs=0.2)
+    assert good.drift["error_ratio_since_build"] == first.drift["error_ratio_p50"]
+    assert good.drift["rebuild"] and "earlier delta" in good.drift["recommendation"]
 
 
 def test_bad_deltas_are_refused(built: tuple[Path, dict[str, np.ndarray]]) -> None:
@@ -198,6 +214,22 @@ def test_published_delta_serves_new_items_and_never_retired_ones(
             client.sample(retired[:2])
 
 
+def test_a_delta_whose_base_is_no_longer_active_is_refused_unless_allowed(
+    redis_server: EmbeddedRedis,
+) -> None:
+    base = build_random_artifact(seed=13, num_items=300, dim=4)
+    delta = assign_delta(base, [10**9], {"image": np.ones((1, 12)), "text": np.ones((1, 6))})
+    with redis_server.client() as client:
+        store = CodebookStore(client, namespace="stale-delta")
+        store.publish(artifact_to_files(base))
+        newer = store.publish(artifact_to_files(build_random_artifact(seed=14, dim=4)))
+        with pytest.raises(FailedPreconditionError, match="active now"):
+            publish_delta(store, delta_to_files(delta))
+        assert store.active_version() == newer
+        version, _ = publish_delta(store, delta_to_files(delta), allow_stale_base=True)
+        assert store.active_version() == version
+
+
 def test_admin_upload_of_a_delta_publishes_it(
     built: tuple[Path, dict[str, np.ndarray]], redis_server: EmbeddedRedis, serving: ServiceRuntime
 ) -> None:
@@ -221,5 +253,6 @@ def test_admin_upload_of_a_delta_publishes_it(
     assert serving.registry.get().artifact.num_items == 302
     with redis_server.client() as client:
         store = CodebookStore(client, namespace="delta")
-        # The same delta again is the same content: the same version.
-        assert publish_delta(store, delta_to_files(delta))[0] == reply.json()["version"]
+        # Its base is no longer active now; forced, the same delta is the same content.
+        again = publish_delta(store, delta_to_files(delta), allow_stale_base=True)
+        assert again[0] == reply.json()["version"]

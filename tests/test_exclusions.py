@@ -20,7 +20,7 @@ from esans_sampler.client import HttpSamplerClient, SamplerClient
 from esans_sampler.cluster_index import ClusterIndex
 from esans_sampler.contract._proto.esans.v1 import sampler_pb2, sampler_pb2_grpc
 from esans_sampler.errors import InvalidInputError
-from esans_sampler.exclusions import Exclusions
+from esans_sampler.exclusions import Exclusions, to_csr
 from esans_sampler.sampler import EsansSampler, NegativeSample
 from esans_service.app import ServiceRuntime
 from esans_service.embedded_redis import EmbeddedRedis
@@ -97,6 +97,22 @@ def test_an_emptied_cluster_is_never_drawn_and_the_others_take_its_mass() -> Non
     )  # fmt: skip
     assert not (sample.simple_clusters == 1).any()
     _check_simple(sample, set(INDEX.rows_of(np.array(cluster_1)).tolist()), 35.0)
+
+
+def test_a_sharp_choice_on_an_emptied_cluster_still_draws_from_the_rest() -> None:
+    # gamma 5 puts 99.97% of P(. | 0) on cluster 1; with cluster 1 emptied, rejection
+    # alone would rarely find another cluster: the exact fallback must.
+    sampler = EsansSampler(INDEX, CODEWORDS, gamma=5.0)
+    assert sampler.cluster_choice()[0, 1] > 0.99
+    positive = IDS[INDEX.ordered_rows[0]]
+    cluster_1 = IDS[INDEX.ordered_rows[10:14]].tolist()
+    for seed in range(20):
+        sample = sampler.sample(
+            np.full(8, positive), np.random.default_rng(seed), m_c=2, m_o=2, m_h=0,
+            exclude=_exclusions(8, cluster_1),
+        )  # fmt: skip
+        assert not (sample.simple_clusters == 1).any()
+        assert np.isfinite(sample.simple_log_q).all()
 
 
 def test_esans_hard_negatives_avoid_exclusions_and_q_is_one_over_what_remains() -> None:
@@ -177,6 +193,16 @@ def test_mixed_sampler_avoids_exclusions_in_batch_and_uniform_slots() -> None:
             assert np.exp(log_q[b, slot]) == pytest.approx(expected, rel=1e-5)
 
 
+def test_mixed_sampler_with_repeated_positives_and_exclusions_past_the_batch() -> None:
+    # Repeated positives make the batch's distinct ids fewer than B; an excluded id above
+    # all of them must not index past them.
+    sampler = MixedSampler(INDEX, in_batch_fraction=0.5)
+    ids = np.array([1000, 1000, 1001])
+    exclude = Exclusions.build(INDEX, 3, [1024], [0, 1, 1, 1])
+    sample = sampler.sample(ids, np.random.default_rng(0), m_c=2, m_o=2, exclude=exclude)
+    assert 1024 not in sample.simple_ids[0]
+
+
 def test_exclusions_are_checked() -> None:
     with pytest.raises(InvalidInputError, match="B \\+ 1 = 3 entries"):
         Exclusions.build(INDEX, 2, [1000], [0, 1])
@@ -198,6 +224,15 @@ def test_exclusions_are_checked() -> None:
             IDS[INDEX.ordered_rows[:1]], np.random.default_rng(0),
             exclude=_exclusions(1, IDS[INDEX.ordered_rows[10:]].tolist()),
         )  # fmt: skip
+
+
+def test_client_side_csr_keeps_large_ids_of_mixed_dtypes() -> None:
+    ids, offsets = to_csr([np.array([2**62 + 1], np.uint64), np.array([5], np.int64), []])
+    assert ids.tolist() == [2**62 + 1, 5] and offsets.tolist() == [0, 1, 2, 2]
+    with pytest.raises(InvalidInputError, match="fit in int64"):
+        to_csr([np.array([2**64 - 1], np.uint64)])
+    with pytest.raises(InvalidInputError, match="integer ids"):
+        to_csr([[1.5]])
 
 
 def test_no_exclusions_change_nothing() -> None:

@@ -3,6 +3,7 @@ real servers with certificates the tests make themselves."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -365,6 +366,16 @@ def test_token_file_changes_take_effect_without_restart(
         client.sample(IDS)
 
 
+def test_an_unreadable_token_file_on_sighup_keeps_the_old_tokens(
+    serving: type[ServiceRuntime], tokens_file: Path
+) -> None:
+    runtime = serving(sample_tokens_file=tokens_file, tls_reload_interval_s=3600).start()
+    tokens_file.write_bytes(b"\xff\xfe not utf-8 \x00")
+    runtime.reload_credentials()  # what SIGHUP does: logged, not raised
+    with SamplerClient(f"127.0.0.1:{runtime.grpc_port}", token=TRAINER_TOKEN) as client:
+        assert client.sample(IDS).codebook_version == ARTIFACT.version
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -440,6 +451,29 @@ def test_slow_loris_connections_are_closed_and_others_are_served(
         for sock in slow:
             sock.close()
     assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+
+
+def test_pipelined_requests_are_all_answered_under_the_header_deadline(
+    serving: type[ServiceRuntime],
+) -> None:
+    # The second request is already received when the first response completes, and takes
+    # longer than the header deadline to answer: it must not be mistaken for a slow client.
+    runtime = serving(http_header_timeout_s=0.2).start()
+    big = json.dumps(
+        {"positive_ids": np.resize(np.array(IDS), 4096).tolist(), "return_embeddings": True}
+    ).encode()
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = (
+        b"POST /v1/sample HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(big)}\r\nConnection: close\r\n\r\n".encode()
+        + big
+    )
+    with socket.create_connection(("127.0.0.1", runtime.http_port), timeout=30) as sock:
+        sock.sendall(first + second)
+        received = b""
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    assert received.count(b"HTTP/1.1 200") == 2, received[:300]
 
 
 def test_grpc_calls_per_connection_are_capped(serving: type[ServiceRuntime]) -> None:
