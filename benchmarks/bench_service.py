@@ -518,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             cpu_emb = _process_cpu_s(server.pid) - cpu_start - cpu_ids
             after = _command_calls(rclient)
             server_rss_mb = _rss_mb(server.pid)
+            server_pss_mb = _rss_mb(server.pid, field="Pss:", source="smaps_rollup")
             redis_mb = int(rclient.info("memory")["used_memory"]) / 2**20
             # Server CPU per request: every call the phase made, its warm-up calls included.
             warmup = args.concurrency * _WARMUP_CALLS
@@ -595,8 +596,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print(
         f"setup: build {build_s:.1f} s, publish {publish_s:.1f} s, server load "
-        f"{load_s:.1f} s; codebook {version[:16]}; server RSS {server_rss_mb:,.0f} MB after the "
-        f"load phases, Redis used memory {redis_mb:,.0f} MB"
+        f"{load_s:.1f} s; codebook {version[:16]}; server RSS {server_rss_mb:,.0f} MB (PSS "
+        f"{server_pss_mb:,.0f} MB) after the load phases, Redis used memory {redis_mb:,.0f} MB"
     )
     print(
         f"in-process EsansSampler.sample: median {sampler_ms:.3f} ms, p99 "
@@ -665,21 +666,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "publish_s": publish_s,
                 "replica_load_s": load_s,
                 "server_rss_mb": server_rss_mb,
+                "server_pss_mb": server_pss_mb,
                 "redis_used_memory_mb": redis_mb,
             }
         )
     )
 
 
-def _rss_mb(pid: int) -> float:
-    """Resident memory of process ``pid`` and its live children, summed (Linux)."""
+def _rss_mb(pid: int, field: str = "VmRSS:", source: str = "status") -> float:
+    """Resident memory of process ``pid`` and its live children, summed (Linux). RSS counts
+    pages shared by the workers (the mapped snapshot) once per worker; PSS (``Pss:`` of
+    ``smaps_rollup``) splits them."""
     total = 0.0
     for process in (pid, *_children(pid)):
         try:
-            lines = Path(f"/proc/{process}/status").read_text().splitlines()
+            lines = Path(f"/proc/{process}/{source}").read_text().splitlines()
         except OSError:
             continue
-        total += sum(int(line.split()[1]) / 1024 for line in lines if line.startswith("VmRSS:"))
+        total += sum(int(line.split()[1]) / 1024 for line in lines if line.startswith(field))
     return total
 
 

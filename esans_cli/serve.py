@@ -42,6 +42,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--http-port", type=int, help="HTTP port (ESANS_HTTP_PORT; default 8000)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ... (ESANS_LOG_LEVEL; default INFO)")
     p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the ports (ESANS_WORKERS; default: the CPU limit)",
+    )
+    p.add_argument(
         "--demo",
         action="store_true",
         help="if no codebook is active, build a demo codebook (esans demo) and publish it first",
@@ -60,6 +65,7 @@ def serve_settings(args: argparse.Namespace) -> Any:
         "grpc_port": getattr(args, "grpc_port", None),
         "http_port": getattr(args, "http_port", None),
         "log_level": getattr(args, "log_level", None),
+        "workers": getattr(args, "workers", None),
         "redis_namespace": getattr(args, "namespace", None),
         "keep_versions": getattr(args, "keep_versions", None),
     }

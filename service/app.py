@@ -89,7 +89,8 @@ def connect_redis(settings: Settings) -> tuple[redis.Redis, EmbeddedRedis | None
 @dataclass(frozen=True)
 class WorkerSlot:
     """What a worker process of a multi-worker replica gets from its supervisor: its index,
-    the HTTP socket all workers accept on, and the directory where they share metrics."""
+    the HTTP socket all workers accept on, and the directory where they share metrics and
+    the memory-mapped embedding snapshots."""
 
     index: int
     http_socket: socket.socket
@@ -187,6 +188,7 @@ class ServiceRuntime:
                 poll_interval_s=s.poll_interval_s,
                 on_swap=self._on_swap,
                 on_store_error=self.metrics.store_error,
+                snapshot_dir=None if self.worker is None else self.worker.metrics_dir,
             )
             registry = self._registry
             self.metrics.watch_stale(lambda: registry.stale)

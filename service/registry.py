@@ -13,18 +13,20 @@ verification is never swapped in.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any
 
 import numpy as np
 import redis
 
-from esans_sampler.artifact import CodebookArtifact, artifact_from_files
+from esans_sampler.artifact import EMBEDDINGS_FILE, CodebookArtifact, artifact_from_files
 from esans_sampler.baselines import MixedSampler, PopularitySampler, UniformSampler
 from esans_sampler.cluster_choice import validate_gamma
 from esans_sampler.errors import (
@@ -81,6 +83,26 @@ def _artifact_gamma(artifact: CodebookArtifact) -> float:
         return validate_gamma(float(gamma))
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"artifact metadata has an invalid gamma {gamma!r}: {exc}") from exc
+
+
+def shared_snapshot(
+    artifact: CodebookArtifact, npy_bytes: bytes, directory: Path
+) -> CodebookArtifact:
+    """``artifact`` with its embedding snapshot read-only memory-mapped from
+    ``directory/<version>.npy``, written there (atomically) by the first process that needs
+    it; every process mapping it shares the same page-cache pages."""
+    path = directory / f"{artifact.version}.npy"
+    if not path.exists():
+        temporary = directory / f".{artifact.version}.{os.getpid()}.tmp"
+        temporary.write_bytes(npy_bytes)
+        os.replace(temporary, path)
+    mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    expected = None if artifact.embeddings is None else artifact.embeddings.shape
+    if mapped.shape != expected or mapped.dtype != np.float32:
+        raise ArtifactError(f"{path} does not hold the snapshot of {artifact.version}")
+    shared = replace(artifact, embeddings=mapped)
+    shared._digest[:] = [artifact.version]  # same content: no second hash of every file
+    return shared
 
 
 def load_codebook(artifact: CodebookArtifact) -> LoadedCodebook:
@@ -142,6 +164,7 @@ class CodebookRegistry:
         poll_interval_s: float = 5.0,
         on_swap: Callable[[str], None] | None = None,
         on_store_error: Callable[[Exception], None] | None = None,
+        snapshot_dir: Path | None = None,
     ) -> None:
         if max_loaded < 1:
             raise InvalidInputError(f"max_loaded must be >= 1, got {max_loaded}")
@@ -152,6 +175,9 @@ class CodebookRegistry:
         self._poll_interval_s = poll_interval_s
         self._on_swap = on_swap
         self._on_store_error = on_store_error
+        # Worker processes of one replica map each version's embedding snapshot from one file
+        # here, so the largest array is in memory once, not once per worker.
+        self._snapshot_dir = snapshot_dir
         self._snapshot = _Snapshot()
         # version -> time.monotonic() of its last use, for LRU eviction (plain dict item
         # assignment, so the request path takes no lock).
@@ -278,6 +304,8 @@ class CodebookRegistry:
         artifact = artifact_from_files(files, verify=True)
         if artifact.version != version:
             raise ArtifactError(f"the store's files for {version} hold version {artifact.version}")
+        if self._snapshot_dir is not None and artifact.embeddings is not None:
+            artifact = shared_snapshot(artifact, files[EMBEDDINGS_FILE], self._snapshot_dir)
         return load_codebook(artifact)
 
     # -- write side -------------------------------------------------------------------

@@ -42,6 +42,13 @@ def _requests(text: str) -> float:
     )  # fmt: skip
 
 
+def _parent(stat: Path) -> int:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 @pytest.fixture
 def replica(
     redis_server: EmbeddedRedis, tmp_path: Path
@@ -67,7 +74,7 @@ def replica(
 def test_two_workers_share_the_ports_and_one_metrics_endpoint(
     replica: tuple[subprocess.Popen[bytes], str, str, Path],
 ) -> None:
-    _proc, target, url, log = replica
+    proc, target, url, log = replica
     calls = 0
     deadline = time.monotonic() + 60
     # Until both workers are up and have served (each new channel is a new connection).
@@ -86,6 +93,17 @@ def test_two_workers_share_the_ports_and_one_metrics_endpoint(
         if len(served) == 2 and all(count > 0 for count in served):
             break
         assert time.monotonic() < deadline, f"calls did not reach both workers: {served}"
+    # Both workers map the one copy of the embedding snapshot the first of them wrote.
+    snapshot = Path(match.group(1)) / f"{FIRST.version}.npy"
+    assert snapshot.is_file()
+    workers = [
+        int(stat.parent.name)
+        for stat in Path("/proc").glob("[0-9]*/stat")
+        if _parent(stat) == proc.pid
+    ]
+    assert len(workers) == 2
+    for pid in workers:
+        assert str(snapshot) in Path(f"/proc/{pid}/maps").read_text()
     merged = httpx.get(f"{url}/metrics").text
     assert 'esans_worker_up{worker="0"} 1.0' in merged
     assert 'esans_worker_up{worker="1"} 1.0' in merged
@@ -97,9 +115,8 @@ def test_a_publish_reaches_every_worker_and_sigterm_drains_them_all(
     replica: tuple[subprocess.Popen[bytes], str, str, Path], redis_server: EmbeddedRedis
 ) -> None:
     proc, target, _url, log = replica
-    with redis_server.client() as client:
-        stores = [k.decode() for k in client.keys("workers-*:active")]
-        store = CodebookStore(client, namespace=stores[0].rsplit(":", 1)[0])
+    with redis_server.client() as client:  # the replica fixture's namespace
+        store = CodebookStore(client, namespace=f"workers-{log.parent.name}")
         new = store.publish(artifact_to_files(SECOND))
     ids = SECOND.index.item_ids[:64]
     deadline = time.monotonic() + 30
