@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -502,6 +503,49 @@ def test_grpc_calls_per_connection_are_capped(serving: type[ServiceRuntime]) -> 
     assert len(replies) == 24 and seen
     assert max(seen) <= 1
     with SamplerClient(target) as client:
+        assert client.sample(IDS).codebook_version == ARTIFACT.version
+
+
+def _h2_frame(kind: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, 0]) + struct.pack(">I", 0) + payload
+
+
+def _goaway_after_pings(port: int, pings: int, pause_s: float) -> tuple[int, bytes] | None:
+    """Speak raw HTTP/2 to the gRPC port, send ``pings`` PINGs with no call, and return the
+    (error code, debug data) of the server's GOAWAY, or None if it sent none."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4))  # preface, SETTINGS
+        for i in range(pings):
+            try:
+                sock.sendall(_h2_frame(6, struct.pack(">Q", i)))  # PING
+            except OSError:
+                break  # the server hung up: its GOAWAY is in the receive buffer
+            time.sleep(pause_s)
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    at = 0
+    while at + 9 <= len(received):
+        length, kind = int.from_bytes(received[at : at + 3], "big"), received[at + 3]
+        payload = received[at + 9 : at + 9 + length]
+        if kind == 7:  # GOAWAY: last stream id, error code, debug data
+            return int.from_bytes(payload[4:8], "big"), payload[8:]
+        at += 9 + length
+    return None
+
+
+def test_grpc_ping_floods_get_goaway(serving: type[ServiceRuntime]) -> None:
+    strict = serving().start()  # ESANS_GRPC_MIN_PING_INTERVAL_S = 10 by default
+    # Two pings too early are tolerated (the strikes); a flood gets ENHANCE_YOUR_CALM.
+    assert _goaway_after_pings(strict.grpc_port, 2, 0.05) is None
+    assert _goaway_after_pings(strict.grpc_port, 10, 0.05) == (11, b"too_many_pings")
+    with SamplerClient(f"127.0.0.1:{strict.grpc_port}") as client:  # others still served
         assert client.sample(IDS).codebook_version == ARTIFACT.version
 
 
