@@ -162,3 +162,51 @@ def test_a_publish_reaches_every_worker_and_sigterm_drains_them_all(
     text = log.read_text()
     assert text.count("stopped (0 requests still in flight)") == 2, text[-3000:]
     assert "stopped (2 workers)" in text
+
+
+def _stale(url: str) -> float:
+    """The merged esans_codebook_stale: 1 while any worker serves its last good snapshot."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    match = re.search(r"^esans_codebook_stale (\S+)$", text, flags=re.MULTILINE)
+    assert match, text[:500]
+    return float(match.group(1))
+
+
+def test_every_worker_serves_through_a_redis_outage_and_recovers(tmp_path: Path) -> None:
+    redis = EmbeddedRedis(tmp_path / "redis").start()
+    log = tmp_path / "serve.log"
+    proc = None
+    try:
+        with redis.client() as client:
+            version = CodebookStore(client).publish(artifact_to_files(FIRST))
+        grpc_port, http_port = free_port(), free_port()
+        proc = serve_process(
+            redis.url, tmp_path, log, grpc_port, http_port,
+            workers=2, poll_interval_s=0.3, log_level="INFO",
+        )  # fmt: skip
+        url, target = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+        wait_until_serving(proc, url, version, log, timeout_s=120)
+
+        def calls_succeed() -> None:
+            for _ in range(12):  # fresh connections: both workers answer
+                with SamplerClient(target, retries=0) as client:
+                    assert client.sample(IDS).codebook_version == version
+
+        calls_succeed()
+        redis.stop()
+        deadline = time.monotonic() + 30
+        while _stale(url) != 1.0:
+            assert time.monotonic() < deadline, "no worker reported the outage"
+            time.sleep(0.2)
+        calls_succeed()  # the last good codebook, on every worker
+        redis.start()  # same port, data kept
+        deadline = time.monotonic() + 30
+        while _stale(url) != 0.0:  # the merged gauge is the largest: every worker recovered
+            assert time.monotonic() < deadline, "a worker stayed stale after Redis came back"
+            time.sleep(0.2)
+        calls_succeed()
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        redis.stop()
