@@ -115,10 +115,29 @@ def test_a_publish_reaches_every_worker_and_sigterm_drains_them_all(
     replica: tuple[subprocess.Popen[bytes], str, str, Path], redis_server: EmbeddedRedis
 ) -> None:
     proc, target, _url, log = replica
+    ids = SECOND.index.item_ids[:64]
+    old = FIRST.version
+    # Clients keep calling, on new connections (either worker), while the version changes:
+    # no call fails and every answer comes whole from one of the two versions.
+    seen: list[str] = []
+    failures: list[BaseException] = []
+    stop_load = threading.Event()
+
+    def load() -> None:
+        while not stop_load.is_set():
+            try:
+                with SamplerClient(target, retries=0) as client:
+                    seen.append(client.sample(ids).codebook_version)
+            except BaseException as exc:
+                failures.append(exc)
+
+    loaders = [threading.Thread(target=load) for _ in range(3)]
+    for thread in loaders:
+        thread.start()
+    time.sleep(0.5)
     with redis_server.client() as client:  # the replica fixture's namespace
         store = CodebookStore(client, namespace=f"workers-{log.parent.name}")
         new = store.publish(artifact_to_files(SECOND))
-    ids = SECOND.index.item_ids[:64]
     deadline = time.monotonic() + 30
     while True:  # fresh connections land on either worker: all must serve the new version
         versions = set()
@@ -129,6 +148,12 @@ def test_a_publish_reaches_every_worker_and_sigterm_drains_them_all(
             break
         assert time.monotonic() < deadline, f"workers still serve {versions - {new}}"
         time.sleep(0.2)
+    time.sleep(0.5)
+    stop_load.set()
+    for thread in loaders:
+        thread.join(30)
+    assert not failures, failures[:3]
+    assert set(seen) == {old, new} and seen[-1] == new
 
     # SIGTERM while heavy calls run on both workers: a call either completes or is refused
     # cleanly as UNAVAILABLE before it starts; none is cut off; then every worker stops with
