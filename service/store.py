@@ -38,7 +38,7 @@ from esans_sampler.errors import (
     InvalidInputError,
     NotFoundError,
 )
-from esans_service.leases import lease_remaining_s
+from esans_service.leases import lease_key, lease_remaining_s
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[3], ARGV
   return 0
 end
 if redis.call('GET', KEYS[2]) == ARGV[1] then return -1 end
-for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
+if ARGV[4] ~= '1' and redis.call('EXISTS', KEYS[4]) == 1 then return -2 end
+for i = 5, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
@@ -309,7 +310,7 @@ class CodebookStore:
             self._verify(version, allow_incomplete=True)
         except ArtifactError:
             logger.error("codebook %s failed verification after writing; removing it", version)
-            self._delete_keys(version, layout)
+            self._delete_keys(version, layout, force=True)  # broken bytes: nothing to keep
             raise
         self._client.hset(meta_key, "complete", "1")
         self._client.publish(self.events_channel, self._event(EVENT_PUBLISHED, version))
@@ -500,29 +501,35 @@ class CodebookStore:
                 ``force`` is false.
         """
         version = self.resolve(version)
-        leased = lease_remaining_s(self._client, self._ns, version)
-        if leased is not None and not force:
-            raise FailedPreconditionError(
-                f"codebook {version} is pinned by a training run (its lease expires in "
-                f"{leased:.0f} s unless renewed); stop the run or wait, or delete with force "
-                "(esans versions delete --force, DELETE ...?force=true)"
-            )
         meta = self._meta(version)
         layout = _Layout({}) if meta is None else _Layout.from_json(meta.get("layout"), version)
-        code = self._delete_keys(version, layout)
+        code = self._delete_keys(version, layout, force)
         if code == 0:
             raise NotFoundError(self._unknown_message(version))
         if code == -1:
             raise FailedPreconditionError(
                 f"codebook {version} is the active version; activate another one before deleting it"
             )
+        if code == -2:  # the lease was checked inside the same script as the delete
+            leased = lease_remaining_s(self._client, self._ns, version) or 0.0
+            raise FailedPreconditionError(
+                f"codebook {version} is pinned by a training run (its lease expires in "
+                f"{leased:.0f} s unless renewed); stop the run or wait, or delete with force "
+                "(esans versions delete --force, DELETE ...?force=true)"
+            )
         logger.info("deleted codebook %s", version)
         return version
 
-    def _delete_keys(self, version: str, layout: _Layout) -> int:
+    def _delete_keys(self, version: str, layout: _Layout, force: bool = False) -> int:
+        lease = lease_key(self._ns, version)
         result = self._delete_script(
-            keys=[self.meta_key(version), self.active_key, self.versions_key, *layout.keys],
-            args=[version, self.events_channel, self._event(EVENT_DELETED, version)],
+            keys=[self.meta_key(version), self.active_key, self.versions_key, lease, *layout.keys],
+            args=[
+                version,
+                self.events_channel,
+                self._event(EVENT_DELETED, version),
+                "1" if force else "0",
+            ],
         )
         return int(result)
 
