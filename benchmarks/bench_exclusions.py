@@ -19,26 +19,15 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
+from bench_sampler import _time  # noqa: E402  (the same timing loop, one place)
 
 from esans_sampler.baselines import UniformSampler  # noqa: E402
 from esans_sampler.cluster_index import ClusterIndex  # noqa: E402
 from esans_sampler.exclusions import Exclusions  # noqa: E402
 from esans_sampler.sampler import EsansSampler  # noqa: E402
-
-
-def _median_ms(call: Callable[[int], object], repeats: int) -> float:
-    for i in range(min(20, repeats)):
-        call(i)
-    samples = np.empty(repeats)
-    for i in range(repeats):
-        start = time.perf_counter_ns()
-        call(i)
-        samples[i] = time.perf_counter_ns() - start
-    return float(np.median(samples) / 1e6)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -83,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 exclude = Exclusions.build(index, batch, excluded[i % 16], offsets)
             return sampler.sample(batches[i % 16], draw_rng, exclude=exclude)  # type: ignore[attr-defined]
 
-        return _median_ms(call, args.repeats)
+        return _time("", call, args.repeats, warmup=min(20, args.repeats)).median_ms
 
     figures = {
         "esans_ms": timed(esans, None),
