@@ -16,10 +16,10 @@ import numpy.typing as npt
 from esans_sampler import __version__
 from esans_sampler.artifact import CodebookArtifact
 from esans_sampler.catalogue import Catalogue
-from esans_sampler.catalogue_delta import error_summary, quantisation_errors
+from esans_sampler.catalogue_delta import error_summary, primary_errors
 from esans_sampler.cluster_choice import cluster_choice_matrix
 from esans_sampler.cluster_index import ClusterIndex
-from esans_sampler.codebook import Codebook, l2_normalize
+from esans_sampler.codebook import Codebook, l2_normalize, nearest_codeword
 from esans_sampler.errors import CatalogueError
 from esans_sampler.msac import EpochStats, MSACConfig, train_msac
 from esans_sampler.stats import codebook_stats, hard_coverage
@@ -27,28 +27,24 @@ from esans_sampler.stats import codebook_stats, hard_coverage
 _EMBED_CHUNK_ROWS = 65_536
 
 
-def msac_embeddings(codebook: Codebook, catalogue: Catalogue) -> npt.NDArray[np.float32]:
-    """(N, d_m) float32 snapshot: the L2-normalised mean of the aligned modality embeddings.
-
-    Used as the item-embedding snapshot for server-side EDIS when the trainer does not
-    supply its own item-tower outputs.
-    """
-    out = np.empty((catalogue.num_items, codebook.embedding_dim), dtype=np.float32)
-    for start in range(0, catalogue.num_items, _EMBED_CHUNK_ROWS):
-        stop = min(start + _EMBED_CHUNK_ROWS, catalogue.num_items)
-        embedded = codebook.embed(catalogue.rows(start, stop))
-        out[start:stop] = l2_normalize(np.mean(np.stack(embedded), axis=0))
-    return out
-
-
-def _catalogue_errors(codebook: Codebook, catalogue: Catalogue) -> npt.NDArray[np.float32]:
-    """Every item's primary quantisation error under the trained codebook."""
-    errors = np.empty(catalogue.num_items, dtype=np.float32)
-    for start in range(0, catalogue.num_items, _EMBED_CHUNK_ROWS):
-        stop = min(start + _EMBED_CHUNK_ROWS, catalogue.num_items)
-        chunk = dict(zip(codebook.modality_names, catalogue.rows(start, stop), strict=True))
-        errors[start:stop] = quantisation_errors(codebook, chunk)[0]
-    return errors
+def errors_and_msac_snapshot(
+    codebook: Codebook, catalogue: Catalogue, snapshot: bool
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+    """In one pass over the catalogue: every item's primary quantisation error (the drift
+    baseline of ``esans assign``) and, with ``snapshot``, its MSAC snapshot row (the
+    L2-normalised mean of the aligned modality embeddings), used for server-side EDIS when the
+    trainer does not supply its own item-tower outputs."""
+    n = catalogue.num_items
+    errors = np.empty(n, dtype=np.float32)
+    rows = np.empty((n, codebook.embedding_dim), dtype=np.float32) if snapshot else None
+    for start in range(0, n, _EMBED_CHUNK_ROWS):
+        stop = min(start + _EMBED_CHUNK_ROWS, n)
+        fused = codebook.fuse(codebook.embed(catalogue.rows(start, stop)))
+        primary = nearest_codeword(fused, codebook.primary_codewords)
+        errors[start:stop] = primary_errors(codebook, fused, primary)
+        if rows is not None:
+            rows[start:stop] = l2_normalize(fused)
+    return errors, rows
 
 
 def load_embedding_snapshot(path: str, num_items: int) -> npt.NDArray[np.float32]:
@@ -97,7 +93,8 @@ def build_artifact(
 ) -> CodebookArtifact:
     """Train MSAC on ``catalogue`` and package everything a sampler replica needs.
 
-    ``embeddings``: None for no snapshot, ``"msac"`` for :func:`msac_embeddings`, or an
+    ``embeddings``: None for no snapshot, ``"msac"`` for the MSAC snapshot
+    (:func:`errors_and_msac_snapshot`), or an
     (N, d) array of the trainer's item-tower outputs in catalogue row order. ``popularity``:
     optional (N,) interaction counts, stored for the popularity (PNS) baseline.
     """
@@ -113,13 +110,10 @@ def build_artifact(
         codebook.num_secondary,
     )
     choice = cluster_choice_matrix(codebook.primary_codewords, index.cluster_sizes, gamma)
-    snapshot: npt.NDArray[np.float32] | None
-    if isinstance(embeddings, str):
-        if embeddings != "msac":
-            raise ValueError("embeddings must be None, 'msac' or an array")
-        snapshot = msac_embeddings(codebook, catalogue)
-    else:
-        snapshot = embeddings
+    if isinstance(embeddings, str) and embeddings != "msac":
+        raise ValueError("embeddings must be None, 'msac' or an array")
+    errors, msac_rows = errors_and_msac_snapshot(codebook, catalogue, isinstance(embeddings, str))
+    snapshot = msac_rows if isinstance(embeddings, str) else embeddings
     metadata: dict[str, Any] = {
         "esans_version": __version__,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -142,7 +136,7 @@ def build_artifact(
             "source": "msac" if isinstance(embeddings, str) else "file",
         },
         # The baseline of drift checks (esans assign): errors and cluster sizes at build time.
-        "quantisation_error": error_summary(_catalogue_errors(codebook, catalogue)),
+        "quantisation_error": error_summary(errors),
         "build_cluster_sizes": index.cluster_sizes.astype(int).tolist(),
     }
     return CodebookArtifact(

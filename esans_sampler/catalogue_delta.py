@@ -26,7 +26,7 @@ import numpy.typing as npt
 from esans_sampler.artifact import CodebookArtifact
 from esans_sampler.cluster_choice import cluster_choice_matrix
 from esans_sampler.cluster_index import ClusterIndex
-from esans_sampler.codebook import Codebook, l2_normalize, nearest_codeword
+from esans_sampler.codebook import Codebook, l2_normalize
 from esans_sampler.errors import ArtifactError, InvalidInputError
 
 IdArray = npt.NDArray[np.int64]
@@ -43,23 +43,39 @@ DELTA_ARRAYS = "delta.npz"
 _CHUNK_ROWS = 65_536
 
 
-def quantisation_errors(
-    codebook: Codebook, features: Mapping[str, npt.ArrayLike]
-) -> tuple[F32, CodeArray]:
-    """Per item, the primary quantisation error ``||r_p - z_p||`` and the primary code."""
-    arrays = {name: np.asarray(features[name], dtype=np.float32) for name in features}
+def primary_errors(codebook: Codebook, fused: F32, primary: CodeArray) -> F32:
+    """Per item, the primary quantisation error ``||r_p - z_p||`` of its fused embedding."""
+    errors: F32 = np.linalg.norm(fused - codebook.primary_codewords[primary], axis=1)
+    return errors.astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """Where new items land in a trained codebook: codes, primary quantisation errors and
+    their MSAC snapshot rows (the L2-normalised fused embedding), computed in one pass."""
+
+    primary: CodeArray
+    secondary: CodeArray
+    errors: F32
+    msac_rows: F32
+
+
+def place(codebook: Codebook, features: Mapping[str, npt.ArrayLike]) -> Placement:
+    """Embed the items of ``features`` once, in chunks, and derive everything from that."""
+    arrays = {name: np.asarray(values) for name, values in features.items()}
     n = next(iter(arrays.values())).shape[0] if arrays else 0
+    primary = np.empty(n, dtype=np.int32)
+    secondary = np.empty(n, dtype=np.int32)
     errors = np.empty(n, dtype=np.float32)
-    codes = np.empty(n, dtype=np.int32)
+    rows = np.empty((n, codebook.embedding_dim), dtype=np.float32)
     for start in range(0, n, _CHUNK_ROWS):
-        chunk = {name: a[start : start + _CHUNK_ROWS] for name, a in arrays.items()}
-        r_p = np.mean(np.stack(codebook.embed(chunk)), axis=0)
-        primary = nearest_codeword(r_p, codebook.primary_codewords)
-        errors[start : start + _CHUNK_ROWS] = np.linalg.norm(
-            r_p - codebook.primary_codewords[primary], axis=1
-        )
-        codes[start : start + _CHUNK_ROWS] = primary
-    return errors, codes
+        part = slice(start, start + _CHUNK_ROWS)
+        embedded = codebook.embed({name: a[part] for name, a in arrays.items()})
+        primary[part], secondary[part] = codebook.assign_embedded(embedded)
+        fused = codebook.fuse(embedded)
+        errors[part] = primary_errors(codebook, fused, primary[part])
+        rows[part] = l2_normalize(fused)
+    return Placement(primary, secondary, errors, rows)
 
 
 def error_summary(errors: npt.ArrayLike) -> dict[str, float | int]:
@@ -70,12 +86,6 @@ def error_summary(errors: npt.ArrayLike) -> dict[str, float | int]:
     p50, p90, p99 = np.percentile(e, [50, 90, 99])
     return {"count": int(e.size), "mean": float(e.mean()), "p50": float(p50),
             "p90": float(p90), "p99": float(p99)}  # fmt: skip
-
-
-def msac_mean_embeddings(codebook: Codebook, features: Mapping[str, npt.ArrayLike]) -> F32:
-    """The MSAC snapshot rows of items: the L2-normalised mean of their aligned embeddings."""
-    fused: F32 = l2_normalize(np.mean(np.stack(codebook.embed(features)), axis=0))
-    return fused
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,13 +145,16 @@ def assign_delta(
             "them in the same delta to replace them"
         )
     codebook = base.codebook
-    primary, secondary = codebook.assign(features) if ids.size else (np.zeros(0, np.int32),) * 2
+    if ids.size:
+        placed = place(codebook, features)
+    else:  # a delta that only retires
+        no_codes, dim = np.zeros(0, np.int32), codebook.embedding_dim
+        empty = np.zeros((0, dim), np.float32)
+        placed = Placement(no_codes, no_codes, np.zeros(0, np.float32), empty)
+    primary, secondary, errors = placed.primary, placed.secondary, placed.errors
     if primary.shape[0] != ids.shape[0]:
         raise InvalidInputError(f"features hold {primary.shape[0]} rows for {ids.size} new ids")
-    errors, _ = (
-        quantisation_errors(codebook, features) if ids.size else (np.zeros(0, np.float32), None)
-    )
-    snapshot = _snapshot_rows(base, features, ids.size, embeddings)
+    snapshot = _snapshot_rows(base, placed.msac_rows, ids.size, embeddings)
     counts = None
     if popularity is not None:
         counts = np.asarray(popularity, dtype=np.float64)
@@ -159,9 +172,7 @@ def assign_delta(
     return CatalogueDelta(**{**delta.__dict__, "drift": drift_report(base, delta, errors)})
 
 
-def _snapshot_rows(
-    base: CodebookArtifact, features: Mapping[str, npt.ArrayLike], n: int, embeddings: Any
-) -> F32 | None:
+def _snapshot_rows(base: CodebookArtifact, msac_rows: F32, n: int, embeddings: Any) -> F32 | None:
     if base.embeddings is None:
         return None
     dim = base.embeddings.shape[1]
@@ -178,7 +189,7 @@ def _snapshot_rows(
             "the base artifact's embedding snapshot comes from your item tower, not MSAC: pass "
             "the new items' rows with --embeddings (an (n, d) .npy in the order of --ids)"
         )
-    return msac_mean_embeddings(base.codebook, features) if n else np.zeros((0, dim), np.float32)
+    return msac_rows.astype(np.float32, copy=False)
 
 
 def drift_report(

@@ -151,13 +151,19 @@ class Codebook:
         secondary = np.empty(n, dtype=np.int32)
         for start in range(0, n, batch_size):
             chunk = [a[start : start + batch_size] for a in arrays]
-            p, s = self._assign_chunk(self.embed(chunk))
+            p, s = self.assign_embedded(self.embed(chunk))
             primary[start : start + batch_size] = p
             secondary[start : start + batch_size] = s
         return primary, secondary
 
-    def _assign_chunk(self, embedded: list[FloatArray]) -> tuple[CodeArray, CodeArray]:
-        r_p = np.mean(np.stack(embedded), axis=0)  # eq. 5
+    def fuse(self, embedded: list[FloatArray]) -> FloatArray:
+        """The fused embedding ``r_p`` (n, d_m) of items' aligned embeddings (eq. 5)."""
+        r_p: FloatArray = np.mean(np.stack(embedded), axis=0)
+        return r_p
+
+    def assign_embedded(self, embedded: list[FloatArray]) -> tuple[CodeArray, CodeArray]:
+        """(primary, secondary) codes of items given their aligned embeddings (:meth:`embed`)."""
+        r_p = self.fuse(embedded)  # eq. 5
         primary = nearest_codeword(
             r_p, self.primary_codewords
         )  # nearest primary codeword (text after eq. 5)
