@@ -22,10 +22,9 @@ import json  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
-from bench_sampler import _time  # noqa: E402  (the same timing loop, one place)
+from bench_sampler import _time, random_index  # noqa: E402  (one timing loop, one fixture)
 
 from esans_sampler.baselines import UniformSampler  # noqa: E402
-from esans_sampler.cluster_index import ClusterIndex  # noqa: E402
 from esans_sampler.exclusions import Exclusions  # noqa: E402
 from esans_sampler.sampler import EsansSampler  # noqa: E402
 
@@ -43,13 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     rng = np.random.default_rng(args.seed)
     n, batch, k = args.items, args.batch, args.per_row
-    index = ClusterIndex.build(
-        rng.permutation(n).astype(np.int64) + 10_000_000,
-        rng.integers(0, args.primary, n),
-        rng.integers(0, args.secondary, n),
-        args.primary,
-        args.secondary,
-    )
+    index = random_index(rng, n, args.primary, args.secondary)
     esans = EsansSampler(index, rng.normal(size=(args.primary, 64)))
     uniform = UniformSampler(index)
     batches = [rng.choice(index.item_ids, batch) for _ in range(16)]

@@ -124,6 +124,19 @@ class NumpyLoopSampler(LoopSampler):
         return simple_ids, simple_log_q, hard_ids
 
 
+def random_index(
+    rng: np.random.Generator, n: int, num_primary: int, num_secondary: int
+) -> ClusterIndex:
+    """A catalogue of ``n`` items with random codes (the benchmarks' common fixture)."""
+    return ClusterIndex.build(
+        rng.permutation(n).astype(np.int64) + 10_000_000,
+        rng.integers(0, num_primary, n),
+        rng.integers(0, num_secondary, n),
+        num_primary,
+        num_secondary,
+    )
+
+
 def _time(name: str, call: Callable[[int], object], repeats: int, warmup: int) -> Timing:
     for i in range(warmup):
         call(i)
@@ -158,13 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     n = args.items
     build_start = time.perf_counter()
-    index = ClusterIndex.build(
-        rng.permutation(n).astype(np.int64) + 10_000_000,
-        rng.integers(0, args.primary, n),
-        rng.integers(0, args.secondary, n),
-        args.primary,
-        args.secondary,
-    )
+    index = random_index(rng, n, args.primary, args.secondary)
     esans = EsansSampler(index, rng.normal(size=(args.primary, args.dim)), gamma=args.gamma)
     uniform = UniformSampler(index)
     loop = NumpyLoopSampler(index, esans.cluster_choice())
