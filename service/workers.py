@@ -98,6 +98,9 @@ def run_workers(settings: Settings) -> None:
         )
     metrics_dir = Path(tempfile.mkdtemp(prefix="esans-workers-"))
     http_socket = _bind(settings.http_host, settings.http_port)
+    # Listening from now on: connections that arrive while workers start (or restart) wait in
+    # the backlog for a worker instead of being refused.
+    http_socket.listen(2048)
     stop = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
