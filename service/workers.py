@@ -65,7 +65,10 @@ def _reserved_port(host: str, port: int) -> Iterator[int]:
 
 
 def _worker_main(settings: Settings, slot: WorkerSlot) -> None:
-    """One worker: a whole runtime on the shared ports until SIGTERM."""
+    """One worker: a whole runtime on the shared ports until SIGTERM, or until its
+    supervisor is gone (killed with SIGKILL, say): a worker never outlives it holding the
+    ports."""
+    supervisor = os.getppid()
     stop, reload = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
@@ -79,6 +82,9 @@ def _worker_main(settings: Settings, slot: WorkerSlot) -> None:
                 runtime.reload_credentials()
             if not runtime.healthy:
                 logger.error("worker %d: the HTTP server stopped unexpectedly", slot.index)
+                break
+            if os.getppid() != supervisor:
+                logger.error("worker %d: its supervisor is gone; draining", slot.index)
                 break
     finally:
         runtime.stop()

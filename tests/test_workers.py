@@ -22,7 +22,7 @@ from esans_sampler.artifact import artifact_to_files
 from esans_sampler.client import HttpSamplerClient, SamplerClient
 from esans_sampler.errors import ResourceExhaustedError, UnavailableError
 from esans_service.embedded_redis import EmbeddedRedis
-from esans_service.harness import free_port, serve_process, wait_until_serving
+from esans_service.harness import free_port, serve_process, stop_process, wait_until_serving
 from esans_service.store import CodebookStore
 
 # The same ids in both versions, so a call is valid whichever version a worker serves.
@@ -66,9 +66,30 @@ def replica(
         wait_until_serving(proc, f"http://127.0.0.1:{http_port}", version, log, timeout_s=120)
         yield proc, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", log
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
+
+
+def _workers_of(pid: int) -> list[int]:
+    return [
+        int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat") if _parent(stat) == pid
+    ]
+
+
+def test_workers_stop_when_their_supervisor_is_killed(
+    replica: tuple[subprocess.Popen[bytes], str, str, Path],
+) -> None:
+    """SIGKILL leaves the supervisor no chance to stop its workers: they notice and exit
+    rather than hold the ports for good."""
+    proc, _, _, log = replica
+    workers = _workers_of(proc.pid)
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    assert log.read_text().count("its supervisor is gone") == 2
 
 
 def test_two_workers_share_the_ports_and_one_metrics_endpoint(
@@ -96,11 +117,7 @@ def test_two_workers_share_the_ports_and_one_metrics_endpoint(
     # Both workers map the one copy of the embedding snapshot the first of them wrote.
     snapshot = Path(match.group(1)) / f"{FIRST.version}.npy"
     assert snapshot.is_file()
-    workers = [
-        int(stat.parent.name)
-        for stat in Path("/proc").glob("[0-9]*/stat")
-        if _parent(stat) == proc.pid
-    ]
+    workers = _workers_of(proc.pid)
     assert len(workers) == 2
     for pid in workers:
         assert str(snapshot) in Path(f"/proc/{pid}/maps").read_text()
