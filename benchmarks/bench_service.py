@@ -311,25 +311,29 @@ def drive_raw(
 
 def grpc_sink_main(reply_bytes: int) -> None:
     """The bare-gRPC baseline server: one unary method answering ``reply_bytes`` prebuilt
-    bytes, with the service's thread pool and message limits and no sampling. Prints its
-    port; exits when its stdin closes."""
-    from concurrent import futures
+    bytes, on the service's kind of server (``grpc.aio``, one event loop) with its message
+    limits and no sampling. Prints its port; exits when its stdin closes."""
+    import asyncio
 
     import grpc
 
     reply = bytes(reply_bytes)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16),
-        options=[("grpc.max_send_message_length", 1 << 30)],
-    )
-    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: reply)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("bench.Sink", {"Reply": handler}),)
-    )
-    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
-    server.start()
-    sys.stdin.read()
-    server.stop(0)
+
+    async def answer(request: bytes, context: Any) -> bytes:
+        return reply
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", 1 << 30)])
+        handler = grpc.unary_unary_rpc_method_handler(answer)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("bench.Sink", {"Reply": handler}),)
+        )
+        print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+        await server.start()
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await server.stop(0)
+
+    asyncio.run(serve())
 
 
 def drive_grpc_sink(
@@ -571,6 +575,25 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "thread",
                 (),
             )
+            _stop_sink(grpc_sink)
+            # The transport's own CPU per call: the bare server answering an ids-only reply.
+            ids_reply_bytes = ids_only.payload_bytes // max(ids_only.requests, 1)
+            grpc_sink, grpc_sink_port = _start_sink("--grpc-sink", str(ids_reply_bytes))
+            sink_cpu_start = _process_cpu_s(grpc_sink.pid)
+            floor = run_load(
+                lambda barrier: drive_grpc_sink(
+                    grpc_sink_port,
+                    request.SerializeToString(),
+                    args.raw_duration,
+                    args.max_requests,
+                    barrier,
+                ),
+                args.concurrency,
+                "thread",
+                (),
+            )
+            floor_calls = floor.requests + args.concurrency * _WARMUP_CALLS
+            floor_cpu_ms = 1000 * (_process_cpu_s(grpc_sink.pid) - sink_cpu_start) / floor_calls
         finally:
             stop_process(server)
             _stop_sink(sink)
@@ -637,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("server CPU ms / request", f"{cpu_ms_ids:.3f}", f"<= {SERVER_CPU_MS_TARGET:g}",
          _status(cpu_ms_ids <= SERVER_CPU_MS_TARGET)),
         ("  with embeddings", f"{cpu_ms_emb:.3f}", "", ""),
+        ("  bare gRPC, ids reply", f"{floor_cpu_ms:.3f}", "", ""),
     ]  # fmt: skip
     print(f"{'metric':24s} {'measured':>16s} {'target':>12s}  status")
     for metric, value, goal, status in rows:
@@ -650,6 +674,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "server_cpu_ms_per_request": cpu_ms_ids,
                 "server_cpu_ms_per_request_embeddings": cpu_ms_emb,
                 "server_cpu_ms_per_request_target": SERVER_CPU_MS_TARGET,
+                "bare_grpc_cpu_ms_per_request": floor_cpu_ms,
                 "ids_req_per_s": ids_only.per_second,
                 "ids_p50_ms": p50,
                 "ids_p99_ms": p99,

@@ -126,6 +126,14 @@ class SamplingService:
         with self.admitted():
             return self._sample(request, resolved, deadline)
 
+    def sample_admitted(
+        self, request: SampleRequest, deadline: float | None = None
+    ) -> SampleResult:
+        """:meth:`sample` for a caller that already holds a slot of :meth:`admitted` (the
+        gRPC transport takes it before it yields to its event loop)."""
+        _check_deadline(deadline)
+        return self._sample(request, self._resolve(request), deadline)
+
     @contextmanager
     def admitted(self) -> Iterator[None]:
         """Hold one of the ``max_concurrency`` sampling slots, or refuse at once.
@@ -260,15 +268,15 @@ class SamplingService:
 def _count_served(
     metrics: ServiceMetrics, sample: NegativeSample, embeddings: SampledEmbeddings | None
 ) -> None:
-    served = metrics.negatives
+    served, kind = metrics.negatives, sample.sampler
     hard = int(sample.hard_counts.sum())
-    metrics.hard_slots.labels(sample.sampler).inc(sample.hard_ids.size)
-    served.labels(sample.sampler, "simple").inc(sample.simple_ids.size)
-    served.labels(sample.sampler, "hard").inc(hard)
+    metrics.child(metrics.hard_slots, kind).inc(sample.hard_ids.size)
+    metrics.child(served, kind, "simple").inc(sample.simple_ids.size)
+    metrics.child(served, kind, "hard").inc(hard)
     if embeddings is not None:
         virtual = math.prod(embeddings.virtual_simple.shape[:-1])
-        served.labels(sample.sampler, "virtual_simple").inc(virtual)
-        served.labels(sample.sampler, "virtual_hard").inc(hard)
+        metrics.child(served, kind, "virtual_simple").inc(virtual)
+        metrics.child(served, kind, "virtual_hard").inc(hard)
 
 
 def _check_deadline(deadline: float | None) -> None:

@@ -140,12 +140,23 @@ class ServiceMetrics:
             "1 while the store is unreachable and the last good codebook is served",
             registry=r,
         )
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: the hot path labels a handful of children
+        per call, and prometheus_client's lookup (a lock and a tuple per call) adds up. For
+        metrics with a small, fixed set of label values only; nothing here is ever removed."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     @contextmanager
     def track(self, transport: str, method: str) -> Iterator[CallOutcome]:
         """Count and time one call; an escaping exception sets its gRPC code as status."""
         outcome = CallOutcome(method)
-        in_flight = self.in_flight.labels(transport)
+        in_flight = self.child(self.in_flight, transport)
         in_flight.inc()
         start = time.perf_counter()
         try:
@@ -155,8 +166,8 @@ class ServiceMetrics:
             raise
         finally:
             elapsed = time.perf_counter() - start
-            self.latency.labels(transport, outcome.method).observe(elapsed)
-            self.requests.labels(transport, outcome.method, outcome.status).inc()
+            self.child(self.latency, transport, outcome.method).observe(elapsed)
+            self.child(self.requests, transport, outcome.method, outcome.status).inc()
             in_flight.dec()
 
     def in_flight_total(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -209,7 +210,7 @@ def test_expired_calls_are_skipped_without_work(runtime: ServiceRuntime, ids: li
     )
     request = sampler_pb2.SampleNegativesRequest(positive_ids=ids)
     with pytest.raises(DeadlineExceededError):
-        servicer.SampleNegatives(request, _ExpiredContext())  # type: ignore[arg-type]
+        asyncio.run(servicer.SampleNegatives(request, _ExpiredContext()))  # type: ignore[arg-type]
     after = runtime.metrics.registry.get_sample_value(
         "esans_negatives_served_total", {"sampler": "esans", "kind": "simple"}
     )

@@ -13,6 +13,7 @@ changes still talks to an older client (tests/test_wire.py).
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Iterator
@@ -67,7 +68,12 @@ class WireFormatError(ValueError):
 # ----------------------------------------------------------------------------- encoding
 
 
+_ONE_BYTE_VARINTS = tuple(bytes((value,)) for value in range(0x80))
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value <= 0x7F:  # keys, enums, most shapes: one byte, and the encoder's most calls
+        return _ONE_BYTE_VARINTS[value]
     if value < 0:
         value += 1 << 64  # protobuf encodes negative int64 as ten-byte two's complement
     out = bytearray()
@@ -78,12 +84,18 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+@functools.cache
 def _key(number: int, wire_type: int) -> bytes:
     return _varint(number << 3 | wire_type)
 
 
 def _length_delimited(parts: Parts, number: int, body: Parts) -> None:
-    parts += [_key(number, _LENGTH), _varint(sum(len(p) for p in body)), *body]
+    parts += [_key(number, _LENGTH), _varint(sum(map(len, body))), *body]
+
+
+_TENSOR_DTYPE_KEY = _key(_TENSOR.fields_by_name["dtype"].number, _VARINT)
+_TENSOR_SHAPE = _TENSOR.fields_by_name["shape"].number
+_TENSOR_DATA = _TENSOR.fields_by_name["data"].number
 
 
 def _tensor_body(array: npt.ArrayLike) -> Parts:
@@ -92,13 +104,11 @@ def _tensor_body(array: npt.ArrayLike) -> Parts:
     if enum is None:
         raise TypeError(f"dtype {arr.dtype} has no wire form; use int64, int32 or float32")
     arr = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[enum])
-    body: Parts = [_key(_TENSOR.fields_by_name["dtype"].number, _VARINT), _varint(enum)]
+    body: Parts = [_TENSOR_DTYPE_KEY, _varint(enum)]
     if arr.ndim:
-        shape = b"".join(_varint(n) for n in arr.shape)
-        _length_delimited(body, _TENSOR.fields_by_name["shape"].number, [shape])
+        _length_delimited(body, _TENSOR_SHAPE, [b"".join(map(_varint, arr.shape))])
     if arr.nbytes:
-        data = arr.data.cast("B")
-        _length_delimited(body, _TENSOR.fields_by_name["data"].number, [data])
+        _length_delimited(body, _TENSOR_DATA, [arr.data.cast("B")])
     return body
 
 
