@@ -252,3 +252,105 @@ def test_every_worker_serves_through_a_redis_outage_and_recovers(tmp_path: Path)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
         redis.stop()
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    """The sum over the merged /metrics of the samples ``name`` whose labels include
+    ``labels``."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return float(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+    )
+
+
+def test_overload_on_two_workers_is_refused_cleanly_and_counted(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """Each worker admits max_concurrency = 1 call; clients of both transports overload the
+    replica. Every call succeeds or is refused (RESOURCE_EXHAUSTED / 429), the merged metrics
+    count exactly the admitted calls as served and the clients' HTTP refusals as 429, and the
+    replica is still ready afterwards."""
+    namespace = "workers-overload"
+    with redis_server.client() as client:
+        version = CodebookStore(client, namespace=namespace).publish(artifact_to_files(FIRST))
+    log = tmp_path / "serve.log"
+    grpc_port, http_port = free_port(), free_port()
+    proc = serve_process(
+        redis_server.url, tmp_path, log, grpc_port, http_port,
+        workers=2, redis_namespace=namespace, max_concurrency=1, log_level="INFO",
+    )  # fmt: skip
+    url, target = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+    heavy = np.resize(IDS, 4096)
+    outcomes: dict[str, list[str]] = {"grpc": [], "http": []}
+    other: list[str] = []
+    try:
+        wait_until_serving(proc, url, version, log, timeout_s=120)
+        barrier = threading.Barrier(8)
+
+        def drive(transport: str) -> None:
+            client: SamplerClient | HttpSamplerClient
+            if transport == "grpc":
+                client = SamplerClient(target, retries=0)
+                fields = {"m_c": 8, "m_o": 16, "m_h": 16}
+            else:
+                client = HttpSamplerClient(url, retries=0)
+                fields = {}
+            with client:
+                barrier.wait(60)
+                for _ in range(12):
+                    try:
+                        batch = heavy if transport == "grpc" else heavy[:256]
+                        client.sample(batch, timeout_s=30, **fields)
+                        outcomes[transport].append("ok")
+                    except ResourceExhaustedError:
+                        outcomes[transport].append("refused")
+                    except Exception as exc:  # every other failure is reported below
+                        other.append(f"{transport} {type(exc).__name__}: {exc}")
+
+        threads = [
+            threading.Thread(target=drive, args=("http" if i % 4 == 3 else "grpc",))
+            for i in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not any(t.is_alive() for t in threads)
+        assert not other, other[:3]
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+        refused = sum(o.count("refused") for o in outcomes.values())
+        assert refused, "the load never exceeded max_concurrency"
+        ok = {t: float(o.count("ok")) for t, o in outcomes.items()}
+        deadline = time.monotonic() + 30
+        while True:  # the other workers' figures reach the merged /metrics within seconds
+            served = {
+                "grpc": _metric(
+                    url, "esans_requests_total", transport="grpc", method="SampleNegatives",
+                    status="OK",
+                ),
+                "http": _metric(
+                    url, "esans_requests_total", transport="http", method="/v1/sample",
+                    status="200",
+                ),
+            }  # fmt: skip
+            http_refused = _metric(url, "esans_requests_total", transport="http", status="429")
+            settled = (served, http_refused) == (ok, outcomes["http"].count("refused"))
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert served == ok
+        assert http_refused == outcomes["http"].count("refused")
+        # The service refused what the clients saw, less any the gRPC core refused itself.
+        grpc_refused = _metric(
+            url, "esans_requests_total", transport="grpc", status="RESOURCE_EXHAUSTED"
+        )
+        assert _metric(url, "esans_rejected_requests_total") == grpc_refused + http_refused
+        assert grpc_refused <= outcomes["grpc"].count("refused")
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, log.read_text()[-3000:]
