@@ -85,6 +85,7 @@ class SamplingService:
         self._leases = leases
         self._slots = threading.BoundedSemaphore(settings.max_concurrency)
         self._draining = threading.Event()
+        self._thread_state = threading.local()
 
     @property
     def registry(self) -> CodebookRegistry:
@@ -178,7 +179,7 @@ class SamplingService:
             exclude = Exclusions.build(
                 index, r.ids.shape[0], request.exclude_ids, request.exclude_offsets
             )
-        rng = np.random.default_rng(request.seed)
+        rng = self._unseeded_rng() if request.seed is None else np.random.default_rng(request.seed)
         _check_deadline(deadline)
         sample = sampler.sample(
             r.ids, rng, m_c=r.m_c, m_o=r.m_o, m_h=r.m_h, gamma=r.gamma, exclude=exclude
@@ -239,6 +240,14 @@ class SamplingService:
             eta=eta,
             hard_lambda=lam,
         )
+
+    def _unseeded_rng(self) -> np.random.Generator:
+        """This thread's generator, seeded once from OS entropy: a request without a seed
+        needs fresh randomness, not a generator of its own (building one costs ~15 us)."""
+        rng: np.random.Generator | None = getattr(self._thread_state, "rng", None)
+        if rng is None:
+            rng = self._thread_state.rng = np.random.default_rng()
+        return rng
 
     def codebook_info(self, version: str | None = None) -> CodebookInfo:
         """Facts about the active (None or "") or a pinned loaded-or-stored ``version``."""

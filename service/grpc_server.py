@@ -1,7 +1,7 @@
 """The gRPC transport: ``esans.v1.NegativeSampler`` plus the stock health and reflection.
 
 The servicer only converts protos to a :class:`SampleRequest` and a :class:`SampleResult`
-back; one interceptor maps every error to a status code (:func:`esans_service.errors.describe`)
+back; one wrapper maps every error to a status code (:func:`esans_service.errors.describe`)
 and records the call's metrics.
 
 The server is ``grpc.aio`` on one event loop thread per process, and each call samples on that
@@ -38,7 +38,6 @@ from esans_service.settings import MIB, Settings
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = sampler_pb2.DESCRIPTOR.services_by_name["NegativeSampler"].full_name
-_METHOD_PREFIX = f"/{SERVICE_NAME}/"
 # A time_remaining() beyond this means the caller set no deadline.
 _NO_DEADLINE_S = 1e8
 # Calls the gRPC core lets in at once, beyond max_concurrency, so info, health and overload
@@ -97,29 +96,18 @@ class NegativeSamplerServicer(sampler_pb2_grpc.NegativeSamplerServicer):
         return info_to_proto(self._service.codebook_info(request.codebook_version or None))
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps exceptions of ``esans.v1`` methods to status codes (once) and records metrics;
-    with ``tokens``, a call without a valid sampling token is UNAUTHENTICATED before any
-    work (health and reflection stay open for probes)."""
+class ErrorMapping:
+    """Wraps the ``esans.v1`` methods once, at registration: maps their exceptions to status
+    codes (once) and records metrics; with ``tokens``, a call without a valid sampling token
+    is UNAUTHENTICATED before any work. Health and reflection are not wrapped (they stay open
+    for probes). Not a server interceptor: an aio interceptor runs a coroutine and builds a
+    new handler for every call, which costs more than the whole wrapper."""
 
     def __init__(self, metrics: ServiceMetrics, tokens: SampleTokens | None = None) -> None:
         self._metrics = metrics
         self._tokens = tokens
 
-    async def intercept_service(
-        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(_METHOD_PREFIX):
-            return handler
-        return grpc.unary_unary_rpc_method_handler(
-            self._wrap(handler.unary_unary, method[len(_METHOD_PREFIX) :]),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _wrap(
+    def wrap(
         self, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], method: str
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -147,7 +135,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 "gRPC %s from %s refused: no valid sampling token", method, context.peer()
             )
             raise
-        self._metrics.trainer_calls.labels(trainer=name, transport="grpc").inc()
+        self._metrics.child(self._metrics.trainer_calls, name, "grpc").inc()
 
 
 # ----------------------------------------------------------------------------- server
@@ -285,16 +273,19 @@ def _already_serialised(response: bytes) -> bytes:
     return response
 
 
-def _sampler_handlers(servicer: NegativeSamplerServicer) -> grpc.GenericRpcHandler:
-    """The generated registration, except that SampleNegatives answers pre-serialised bytes."""
+def _sampler_handlers(
+    servicer: NegativeSamplerServicer, mapping: ErrorMapping
+) -> grpc.GenericRpcHandler:
+    """The generated registration, except that SampleNegatives answers pre-serialised bytes
+    and both methods go through ``mapping``."""
     handlers = {
         "SampleNegatives": grpc.unary_unary_rpc_method_handler(
-            servicer.SampleNegatives,
+            mapping.wrap(servicer.SampleNegatives, "SampleNegatives"),
             request_deserializer=sampler_pb2.SampleNegativesRequest.FromString,
             response_serializer=_already_serialised,
         ),
         "GetCodebookInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetCodebookInfo,
+            mapping.wrap(servicer.GetCodebookInfo, "GetCodebookInfo"),
             request_deserializer=sampler_pb2.GetCodebookInfoRequest.FromString,
             response_serializer=sampler_pb2.GetCodebookInfoResponse.SerializeToString,
         ),
@@ -337,7 +328,6 @@ async def _create(
     # as varints) and a few scalars.
     max_receive = max(4 * MIB, 11 * (settings.max_batch + settings.max_excluded_ids) + 64 * 1024)
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(service.metrics, tokens)],
         options=[
             ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
             ("grpc.max_receive_message_length", max_receive),
@@ -354,7 +344,9 @@ async def _create(
         ],
         maximum_concurrent_rpcs=calls * _QUEUED_PER_CALL,
     )
-    server.add_generic_rpc_handlers((_sampler_handlers(NegativeSamplerServicer(service)),))
+    mapping = ErrorMapping(service.metrics, tokens)
+    servicer = NegativeSamplerServicer(service)
+    server.add_generic_rpc_handlers((_sampler_handlers(servicer, mapping),))
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
