@@ -295,12 +295,18 @@ class EdisResult:
         simple_weights, anchors)`` for the simple anchors (B, m_c, m_o, d).
     virtual_hard: (B, m_h, d) float32 (eq. 13); zero vectors in padded slots.
     hard_valid: (B, m_h) bool, False where the hard row was ``-1`` (padding).
+    positive, simple, hard: the gathered rows the vectors were made from, (B, d),
+        (B, m_c, m_o, d) (a view, anchor-major in memory) and (B, m_h, d) with zero vectors
+        in padded slots, so a caller that also returns them need not gather them again.
     """
 
     virtual_simple: FloatArray
     simple_weights: FloatArray
     virtual_hard: FloatArray
     hard_valid: BoolArray
+    positive: FloatArray
+    simple: FloatArray
+    hard: FloatArray
 
 
 def edis_from_rows(
@@ -338,11 +344,12 @@ def edis_from_rows(
     anchors = np.moveaxis(gather_rows(table, np.moveaxis(simple_r, -1, 0)), 0, -2)
     virtual_simple, weights = simple_interpolation(anchors, eta)
     hard_valid = hard_r >= 0
-    hard = gather_rows(table, hard_r)  # a fresh array: interpolate in place
-    virtual_hard = _hard_interpolation(gather_rows(table, pos_r), hard, lam_value, out=hard)
+    hard = gather_rows(table, hard_r)
+    positive = gather_rows(table, pos_r)
+    virtual_hard = _hard_interpolation(positive, hard, lam_value, out=None)
     if not hard_valid.all():
         virtual_hard[~hard_valid] = 0.0
-    return EdisResult(virtual_simple, weights, virtual_hard, hard_valid)
+    return EdisResult(virtual_simple, weights, virtual_hard, hard_valid, positive, anchors, hard)
 
 
 def _similarity(unit_a: FloatArray, unit_b: FloatArray) -> FloatArray:

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from esans_sampler.cluster_choice import MAX_GAMMA, validate_gamma
 from esans_sampler.contract.messages import CodebookInfo, SampledEmbeddings, SampleRequest
-from esans_sampler.edis import MAX_ETA, MIN_LAMBDA, edis_from_rows, gather_rows
+from esans_sampler.edis import MAX_ETA, MIN_LAMBDA, edis_from_rows
 from esans_sampler.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -340,14 +340,14 @@ def _sampler_of(codebook: LoadedCodebook, kind: str) -> NegativeSampler:
 def _embeddings(
     table: FloatArray, sample: NegativeSample, eta: float, hard_lambda: float
 ) -> SampledEmbeddings:
-    """Gather the snapshot rows of the sample and interpolate them (EDIS, eq. 11-13)."""
+    """Gather the snapshot rows of the sample (once) and interpolate them (EDIS, eq. 11-13)."""
     edis = edis_from_rows(
         table, sample.positive_rows, sample.simple_rows, sample.hard_rows, eta, hard_lambda
     )
     return SampledEmbeddings(
-        positive=gather_rows(table, sample.positive_rows),
-        simple=gather_rows(table, sample.simple_rows),
-        hard=gather_rows(table, sample.hard_rows),
+        positive=edis.positive,
+        simple=edis.simple,
+        hard=edis.hard,
         virtual_simple=edis.virtual_simple,
         simple_weights=edis.simple_weights,
         virtual_hard=edis.virtual_hard,

@@ -230,6 +230,10 @@ def test_edis_from_rows_matches_the_parts() -> None:
     assert np.allclose(result.virtual_hard[valid], expected_hard[valid])
     assert np.all(result.virtual_hard[~valid] == 0)
     assert result.virtual_hard.shape == (6, 3, 8)
+    # The gathered rows come back too, as gather_rows gives them (zero vectors for padding).
+    assert np.array_equal(result.positive, gather_rows(table, pos))
+    assert np.array_equal(result.simple, gather_rows(table, simple))
+    assert np.array_equal(result.hard, gather_rows(table, hard))
 
 
 def test_edis_from_rows_validates_rows() -> None:
