@@ -352,6 +352,28 @@ def drive_grpc_sink(
         return timed_calls(call, duration_s, max_messages, barrier)
 
 
+def bare_grpc_phase(
+    reply_bytes: int, request: bytes, args: argparse.Namespace
+) -> tuple[Load, float]:
+    """The bare-gRPC server answering ``reply_bytes`` under the benchmark's load: the load,
+    and the server's CPU milliseconds per call (warm-up calls included)."""
+    sink, port = _start_sink("--grpc-sink", str(reply_bytes))
+    try:
+        cpu_start = _process_cpu_s(sink.pid)
+        load = run_load(
+            lambda barrier: drive_grpc_sink(
+                port, request, args.raw_duration, args.max_requests, barrier
+            ),
+            args.concurrency,
+            "thread",
+            (),
+        )
+        calls = load.requests + args.concurrency * _WARMUP_CALLS
+        return load, 1000 * (_process_cpu_s(sink.pid) - cpu_start) / calls
+    finally:
+        _stop_sink(sink)
+
+
 def _start_sink(*flags: str) -> tuple[subprocess.Popen[str], int]:
     sink = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), *flags],
@@ -480,7 +502,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     server: subprocess.Popen[bytes] | None = None
     sink: subprocess.Popen[str] | None = None
-    grpc_sink: subprocess.Popen[str] | None = None
     with tempfile.TemporaryDirectory(prefix="esans-bench-") as tmp:
         work = Path(tmp)
         log_path = work / "serve.log"
@@ -561,43 +582,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             _stop_sink(sink)
             sink = None
-            # Bare gRPC: the same reply bytes from a server that does nothing else.
-            grpc_sink, grpc_sink_port = _start_sink("--grpc-sink", str(reply_bytes))
-            bare = run_load(
-                lambda barrier: drive_grpc_sink(
-                    grpc_sink_port,
-                    request.SerializeToString(),
-                    args.raw_duration,
-                    args.max_requests,
-                    barrier,
-                ),
-                args.concurrency,
-                "thread",
-                (),
-            )
-            _stop_sink(grpc_sink)
-            # The transport's own CPU per call: the bare server answering an ids-only reply.
+            # Bare gRPC: the same reply bytes from a server that does nothing else; then an
+            # ids-only reply, for the transport's own CPU per call.
+            request_body = request.SerializeToString()
+            bare, _ = bare_grpc_phase(reply_bytes, request_body, args)
             ids_reply_bytes = ids_only.payload_bytes // max(ids_only.requests, 1)
-            grpc_sink, grpc_sink_port = _start_sink("--grpc-sink", str(ids_reply_bytes))
-            sink_cpu_start = _process_cpu_s(grpc_sink.pid)
-            floor = run_load(
-                lambda barrier: drive_grpc_sink(
-                    grpc_sink_port,
-                    request.SerializeToString(),
-                    args.raw_duration,
-                    args.max_requests,
-                    barrier,
-                ),
-                args.concurrency,
-                "thread",
-                (),
-            )
-            floor_calls = floor.requests + args.concurrency * _WARMUP_CALLS
-            floor_cpu_ms = 1000 * (_process_cpu_s(grpc_sink.pid) - sink_cpu_start) / floor_calls
+            _, floor_cpu_ms = bare_grpc_phase(ids_reply_bytes, request_body, args)
         finally:
             stop_process(server)
             _stop_sink(sink)
-            _stop_sink(grpc_sink)
             redis_server.stop()
 
     # ------------------------------------------------------------------------- report

@@ -10,7 +10,9 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -49,10 +51,13 @@ def _parent(stat: Path) -> int:
         return -1
 
 
-@pytest.fixture
-def replica(
-    redis_server: EmbeddedRedis, tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], str, str, Path]]:
+Replica = tuple[subprocess.Popen[bytes], str, str, Path]
+
+
+@contextmanager
+def two_workers(redis_server: EmbeddedRedis, tmp_path: Path, **settings: Any) -> Iterator[Replica]:
+    """A serving replica of two workers on FIRST (its own namespace): the supervisor, the
+    gRPC target, the HTTP URL and the log; stopped with SIGTERM afterwards."""
     namespace = f"workers-{tmp_path.name}"
     with redis_server.client() as client:
         version = CodebookStore(client, namespace=namespace).publish(artifact_to_files(FIRST))
@@ -60,13 +65,19 @@ def replica(
     grpc_port, http_port = free_port(), free_port()
     proc = serve_process(
         redis_server.url, tmp_path, log, grpc_port, http_port,
-        workers=2, redis_namespace=namespace, log_level="INFO", shutdown_grace_s=10,
+        workers=2, redis_namespace=namespace, log_level="INFO", **settings,
     )  # fmt: skip
     try:
         wait_until_serving(proc, f"http://127.0.0.1:{http_port}", version, log, timeout_s=120)
         yield proc, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", log
     finally:
         stop_process(proc)
+
+
+@pytest.fixture
+def replica(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Replica]:
+    with two_workers(redis_server, tmp_path, shutdown_grace_s=10) as running:
+        yield running
 
 
 def _workers_of(pid: int) -> list[int]:
@@ -76,7 +87,7 @@ def _workers_of(pid: int) -> list[int]:
 
 
 def test_workers_stop_when_their_supervisor_is_killed(
-    replica: tuple[subprocess.Popen[bytes], str, str, Path],
+    replica: Replica,
 ) -> None:
     """SIGKILL leaves the supervisor no chance to stop its workers: they notice and exit
     rather than hold the ports for good."""
@@ -93,7 +104,7 @@ def test_workers_stop_when_their_supervisor_is_killed(
 
 
 def test_two_workers_share_the_ports_and_one_metrics_endpoint(
-    replica: tuple[subprocess.Popen[bytes], str, str, Path],
+    replica: Replica,
 ) -> None:
     proc, target, url, log = replica
     calls = 0
@@ -129,7 +140,7 @@ def test_two_workers_share_the_ports_and_one_metrics_endpoint(
 
 
 def test_a_publish_reaches_every_worker_and_sigterm_drains_them_all(
-    replica: tuple[subprocess.Popen[bytes], str, str, Path], redis_server: EmbeddedRedis
+    replica: Replica, redis_server: EmbeddedRedis
 ) -> None:
     proc, target, _url, log = replica
     ids = SECOND.index.item_ids[:64]
@@ -275,21 +286,10 @@ def test_overload_on_two_workers_is_refused_cleanly_and_counted(
     replica. Every call succeeds or is refused (RESOURCE_EXHAUSTED / 429), the merged metrics
     count exactly the admitted calls as served and the clients' HTTP refusals as 429, and the
     replica is still ready afterwards."""
-    namespace = "workers-overload"
-    with redis_server.client() as client:
-        version = CodebookStore(client, namespace=namespace).publish(artifact_to_files(FIRST))
-    log = tmp_path / "serve.log"
-    grpc_port, http_port = free_port(), free_port()
-    proc = serve_process(
-        redis_server.url, tmp_path, log, grpc_port, http_port,
-        workers=2, redis_namespace=namespace, max_concurrency=1, log_level="INFO",
-    )  # fmt: skip
-    url, target = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
     heavy = np.resize(IDS, 4096)
     outcomes: dict[str, list[str]] = {"grpc": [], "http": []}
     other: list[str] = []
-    try:
-        wait_until_serving(proc, url, version, log, timeout_s=120)
+    with two_workers(redis_server, tmp_path, max_concurrency=1) as (proc, target, url, log):
         barrier = threading.Barrier(8)
 
         def drive(transport: str) -> None:
@@ -351,6 +351,4 @@ def test_overload_on_two_workers_is_refused_cleanly_and_counted(
         )
         assert _metric(url, "esans_rejected_requests_total") == grpc_refused + http_refused
         assert grpc_refused <= outcomes["grpc"].count("refused")
-    finally:
-        stop_process(proc)
     assert proc.returncode == 0, log.read_text()[-3000:]
