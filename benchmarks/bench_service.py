@@ -470,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from esans_sampler.synthetic import random_artifact
     from esans_service.embedded_redis import EmbeddedRedis
     from esans_service.harness import free_port, serve_process, stop_process, wait_until_serving
-    from esans_service.registry import load_codebook
+    from esans_service.loaded_codebook import load_codebook
     from esans_service.store import CodebookStore
 
     wall = time.monotonic()

@@ -32,8 +32,9 @@ from esans_sampler.kinds import MIXED, POPULARITY, SAMPLER_KINDS, UNIFORM
 from esans_sampler.sampler import NegativeSample, NegativeSampler
 from esans_sampler.stats import hard_coverage
 from esans_service.leases import LeaseKeeper
+from esans_service.loaded_codebook import LoadedCodebook
 from esans_service.metrics import ServiceMetrics
-from esans_service.registry import CodebookRegistry, LoadedCodebook
+from esans_service.registry import CodebookRegistry
 from esans_service.settings import Settings, response_bytes
 
 FloatArray = npt.NDArray[np.float32]

@@ -13,22 +13,17 @@ verification is never swapped in.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Any
 
-import numpy as np
 import redis
 
-from esans_sampler.artifact import EMBEDDINGS_FILE, CodebookArtifact, artifact_from_files
-from esans_sampler.baselines import MixedSampler, PopularitySampler, UniformSampler
-from esans_sampler.cluster_choice import validate_gamma
+from esans_sampler.artifact import EMBEDDINGS_FILE, artifact_from_files
 from esans_sampler.errors import (
     ArtifactError,
     EsansError,
@@ -36,7 +31,7 @@ from esans_sampler.errors import (
     NotFoundError,
     UnavailableError,
 )
-from esans_sampler.sampler import EsansSampler
+from esans_service.loaded_codebook import LoadedCodebook, load_codebook, shared_snapshot
 from esans_service.store import (
     EVENT_DELETED,
     FULL_VERSION_CHARS,
@@ -47,97 +42,10 @@ from esans_service.store import (
 
 logger = logging.getLogger(__name__)
 
-POPULARITY_METADATA_KEY = "popularity"
-DEFAULT_GAMMA = 1.0
 # A poll skips an active version that failed to load this recently (an event retries it).
 _FAILED_RETRY_S = 60.0
 # Upper bound on one wait of the watcher, so stop() is prompt.
 _WATCH_TICK_S = 0.2
-
-
-@dataclass(frozen=True, eq=False)
-class LoadedCodebook:
-    """A verified artifact with its samplers built, ready to serve requests.
-
-    popularity: the PNS baseline when the artifact carries per-item counts
-    (``popularity.npy``, or a list under ``"popularity"`` in its metadata), else None.
-    loaded_at: unix seconds.
-    """
-
-    version: str
-    artifact: CodebookArtifact
-    esans: EsansSampler
-    uniform: UniformSampler
-    mixed: MixedSampler
-    popularity: PopularitySampler | None
-    loaded_at: float
-
-
-def _artifact_gamma(artifact: CodebookArtifact) -> float:
-    """The gamma the artifact's cluster-choice matrix was built with (build metadata)."""
-    parameters = artifact.metadata.get("parameters")
-    gamma = parameters.get("gamma") if isinstance(parameters, dict) else None
-    if gamma is None:
-        return DEFAULT_GAMMA
-    try:
-        return validate_gamma(float(gamma))
-    except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"artifact metadata has an invalid gamma {gamma!r}: {exc}") from exc
-
-
-def shared_snapshot(
-    artifact: CodebookArtifact, npy_bytes: bytes, directory: Path
-) -> CodebookArtifact:
-    """``artifact`` with its embedding snapshot read-only memory-mapped from
-    ``directory/<version>.npy``, written there (atomically) by the first process that needs
-    it; every process mapping it shares the same page-cache pages."""
-    path = directory / f"{artifact.version}.npy"
-    if not path.exists():
-        temporary = directory / f".{artifact.version}.{os.getpid()}.tmp"
-        temporary.write_bytes(npy_bytes)
-        os.replace(temporary, path)
-    mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-    expected = None if artifact.embeddings is None else artifact.embeddings.shape
-    if mapped.shape != expected or mapped.dtype != np.float32:
-        raise ArtifactError(f"{path} does not hold the snapshot of {artifact.version}")
-    shared = replace(artifact, embeddings=mapped)
-    shared._digest[:] = [artifact.version]  # same content: no second hash of every file
-    return shared
-
-
-def load_codebook(artifact: CodebookArtifact) -> LoadedCodebook:
-    """Build every sampler of ``artifact`` (ESANS with its stored cluster choice, UNS, MNS
-    and, when the metadata carries counts, PNS).
-
-    Raises:
-        ArtifactError: the artifact cannot be served (bad gamma or popularity counts).
-        FailedPreconditionError: ESANS cannot run on it (fewer than 2 non-empty clusters).
-    """
-    index = artifact.index
-    esans = EsansSampler(
-        index,
-        artifact.codebook.primary_codewords,
-        gamma=_artifact_gamma(artifact),
-        cluster_choice=artifact.cluster_choice,
-    )
-    popularity = None
-    counts: Any = artifact.popularity
-    if counts is None:  # artifacts of earlier builds carried the counts in their metadata
-        counts = artifact.metadata.get(POPULARITY_METADATA_KEY)
-    if counts is not None:
-        try:
-            popularity = PopularitySampler(index, np.asarray(counts, dtype=np.float64))
-        except (InvalidInputError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"artifact popularity counts are unusable: {exc}") from exc
-    return LoadedCodebook(
-        version=artifact.version,
-        artifact=artifact,
-        esans=esans,
-        uniform=UniformSampler(index),
-        mixed=MixedSampler(index),
-        popularity=popularity,
-        loaded_at=time.time(),
-    )
 
 
 @dataclass(frozen=True)

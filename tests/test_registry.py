@@ -22,7 +22,8 @@ from esans_sampler.errors import (
     UnavailableError,
 )
 from esans_service.embedded_redis import EmbeddedRedis
-from esans_service.registry import CodebookRegistry, load_codebook
+from esans_service.loaded_codebook import load_codebook
+from esans_service.registry import CodebookRegistry
 from esans_service.store import CodebookStore
 
 ArtifactFactory = Callable[..., CodebookArtifact]
