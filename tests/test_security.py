@@ -3,6 +3,7 @@ real servers with certificates the tests make themselves."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -154,6 +155,50 @@ def test_mutual_tls_refuses_clients_without_a_certificate_of_its_ca(
             HttpSamplerClient(https, retries=0, tls=tls) as client,
         ):
             client.sample(IDS, timeout_s=5)
+
+
+def test_locust_drives_a_mutual_tls_server_with_a_token(
+    serving: type[ServiceRuntime], pki: Pki, tokens_file: Path, tmp_path: Path
+) -> None:
+    """The load test's TLS, client-certificate and token settings (``LOADTEST_CA``,
+    ``LOADTEST_CERT``, ``LOADTEST_KEY``, ``LOADTEST_TOKEN``) reach both of its users."""
+    runtime = serving(**_tls_settings(pki, mutual=True), sample_tokens_file=tokens_file).start()
+    ids = tmp_path / "ids.npy"
+    np.save(ids, ARTIFACT.index.item_ids)
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ESANS_")} | {
+        "LOADTEST_GRPC": f"localhost:{runtime.grpc_port}",
+        "LOADTEST_HTTP": f"https://localhost:{runtime.http_port}",
+        "LOADTEST_IDS": str(ids),
+        "LOADTEST_BATCH": "8",
+        "LOADTEST_CA": str(pki.path("ca.crt")),
+        "LOADTEST_CERT": str(pki.path("client.crt")),
+        "LOADTEST_KEY": str(pki.path("client.key")),
+        "LOADTEST_TOKEN": TRAINER_TOKEN,
+    }
+    prefix = tmp_path / "locust"
+    locustfile = Path(__file__).resolve().parent.parent / "loadtest" / "locustfile.py"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "-u", "2",
+            "-r", "2", "-t", "4s", "--stop-timeout", "5", "--csv", str(prefix),
+            "--only-summary", "--loglevel", "WARNING",
+        ],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    with (tmp_path / "locust_stats.csv").open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["Name"] != "Aggregated"]
+    failures = (tmp_path / "locust_failures.csv").read_text()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + failures
+    calls = {
+        kind: sum(int(r["Request Count"]) for r in rows if r["Type"] == kind)
+        for kind in ("grpc", "POST")
+    }
+    assert all(calls.values()), rows
+    assert sum(int(r["Failure Count"]) for r in rows) == 0, failures
+    # Every call was authenticated as the token's trainer (locust counts calls that finished).
+    for transport, kind in (("grpc", "grpc"), ("http", "POST")):
+        trainer = {"trainer": "trainer-a", "transport": transport}
+        assert _metric(runtime, "esans_trainer_requests_total", **trainer) >= calls[kind]
 
 
 def _servedcertificate(port: int, pki: Pki) -> str:
