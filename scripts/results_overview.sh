@@ -8,11 +8,12 @@ cat <<'HEAD'
 # Evaluation results: where the run stands
 
 The evaluation of issue 10 (batch-shared protocol, early stopping, tuned baselines, Complete
-Journey and MovieLens-1M) is **in progress**: each dataset's finished trials and runs are kept,
-one JSON line each, in `docs/results-<dataset>.progress.jsonl`, and the commands below resume
-from them. The full reports (`docs/results-<dataset>.md`, `.json` with the machine-readable
-schema, and the recall-per-epoch plot) are written when a dataset's run finishes every method
-and seed. Everything below is generated from the progress files by `esans eval --status`;
+Journey and MovieLens-1M) has finished on **MovieLens-1M**: its full report is
+[`docs/results-ml-1m.md`](results-ml-1m.md) (with `docs/results-ml-1m.json`, the
+machine-readable schema, and the recall-per-epoch plot). On **Complete Journey** it is still
+running: each finished trial and run is kept, one JSON line each, in
+`docs/results-completejourney.progress.jsonl`, and the command below resumes from it; its full
+report is written when every method and seed has finished. Everything below is generated from the progress files by `esans eval --status`;
 nothing is copied by hand.
 
 ```bash
