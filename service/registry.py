@@ -142,6 +142,17 @@ class CodebookRegistry:
             return loaded
         return self._load_pinned(version)
 
+    def in_memory(self, version: str | None) -> bool:
+        """Whether :meth:`get` of ``version`` is served from memory, without the store (the
+        active one, a loaded version, or a prefix naming exactly one loaded version)."""
+        snapshot = self._snapshot
+        if not version:
+            return True
+        if version in snapshot.loaded:
+            return True
+        named = [v for v in snapshot.loaded if v.startswith(version)]
+        return len(named) == 1 and len(version) >= MIN_VERSION_PREFIX
+
     @property
     def active_version(self) -> str | None:
         """The version served to requests that pin none, or None before the first load."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -226,6 +227,30 @@ def test_codebook_info(stub: Stub, runtime: ServiceRuntime) -> None:
     assert info.secondary_quantisation == "global" and info.hard_candidate_m_h == 5
     assert 0 < info.hard_candidate_share <= 1
     assert info.version in info.loaded_versions
+
+
+def test_versions_loaded_from_the_store_are_loaded_off_the_event_loop(
+    stub: Stub, runtime: ServiceRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pinned version not in memory takes seconds to load at scale: not on the event loop,
+    which keeps serving every other call meanwhile."""
+    stored = [build_random_artifact(seed=seed, num_items=200, first_id=10**7) for seed in (8, 9)]
+    versions = [runtime.store.publish(artifact_to_files(a), activate=False) for a in stored]
+    loading: list[str] = []
+    load = runtime.registry._load_from_store
+
+    def recording(version: str) -> Any:
+        loading.append(threading.current_thread().name)
+        return load(version)
+
+    monkeypatch.setattr(runtime.registry, "_load_from_store", recording)
+    ids = stored[0].index.item_ids[:4].tolist()
+    pinned = sampler_pb2.SampleNegativesRequest(positive_ids=ids, codebook_version=versions[0])
+    assert stub.SampleNegatives(pinned, timeout=10).codebook_version == versions[0]
+    info = sampler_pb2.GetCodebookInfoRequest(codebook_version=versions[1])
+    assert stub.GetCodebookInfo(info, timeout=10).version == versions[1]
+    stub.SampleNegatives(pinned, timeout=10)  # in memory now: no second load
+    assert len(loading) == 2 and not any(n.startswith("esans-grpc") for n in loading), loading
 
 
 def test_version_pinning_across_a_publish(

@@ -338,8 +338,11 @@ def test_a_unique_version_prefix_is_accepted_wherever_a_version_is(
     second = store.publish(artifact_to_files(make_artifact(seed=12)), activate=False)
     registry = CodebookRegistry(store)
     registry.refresh()
+    assert registry.in_memory(None) and registry.in_memory(first[:16])
+    assert not registry.in_memory(second[:8]) and not registry.in_memory(first[:7])
     assert registry.get(first[:16]).version == first  # loaded: no store call needed
     assert registry.get(second[:8]).version == second  # loaded from the store
+    assert registry.in_memory(second) and registry.in_memory(second[:8])
     store.activate(second[:12])
     assert store.active_version() == second
     with pytest.raises(InvalidInputError, match="too short"):
