@@ -8,9 +8,10 @@ The server is ``grpc.aio`` on one event loop thread per process, and each call s
 loop, inline. A sampling call is a fraction of a millisecond of GIL-bound numpy, so handing it
 to a thread pool (as the synchronous server did) costs more CPU than the call itself: measured
 with ``benchmarks/bench_service.py`` in alternating runs, 1.6 ms of server CPU per request
-against 0.95 ms inline. Other calls (health, info) wait at most for the sample being computed. The one
-exception is a pinned version that is not in memory: loading it from the store takes seconds
-for a large codebook, so that call runs on a thread and the loop keeps serving.
+against 0.95 ms inline. Other calls (health, info) wait at most for the sample being
+computed. The one exception is a pinned version that is not in memory: loading it from the
+store takes seconds for a large codebook, so that call runs on a thread and the loop keeps
+serving.
 """
 
 from __future__ import annotations
