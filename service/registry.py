@@ -56,6 +56,17 @@ class _Snapshot:
     loaded: Mapping[str, LoadedCodebook] = field(default_factory=lambda: MappingProxyType({}))
 
 
+def _in_memory(snapshot: _Snapshot, version: str) -> LoadedCodebook | None:
+    """The loaded codebook ``version`` names without asking the store: the version itself, or
+    a prefix (e.g. the 16 characters `esans build` prints) of exactly one loaded version."""
+    loaded = snapshot.loaded.get(version)
+    if loaded is None and MIN_VERSION_PREFIX <= len(version) < FULL_VERSION_CHARS:
+        named = [v for v in snapshot.loaded if v.startswith(version)]
+        if len(named) == 1:
+            loaded = snapshot.loaded[named[0]]
+    return loaded
+
+
 class CodebookRegistry:
     """In-memory codebooks of one replica, kept in step with a :class:`CodebookStore`.
 
@@ -121,22 +132,17 @@ class CodebookRegistry:
                 )
             self._last_used[snapshot.active.version] = time.monotonic()
             return snapshot.active
-        loaded = snapshot.loaded.get(version)
+        loaded = _in_memory(snapshot, version)
         if loaded is None and len(version) < FULL_VERSION_CHARS:
-            # A prefix (e.g. the 16 characters `esans build` prints): a loaded version it
-            # names uniquely costs no Redis call; otherwise the store resolves it.
-            named = [v for v in snapshot.loaded if v.startswith(version)]
-            if len(named) == 1 and len(version) >= MIN_VERSION_PREFIX:
-                loaded = snapshot.loaded[named[0]]
-            else:
-                try:
-                    version = self._store.resolve(version)
-                except redis.RedisError as exc:
-                    raise UnavailableError(
-                        f"cannot resolve version prefix {version!r}: the store is unreachable "
-                        f"({exc}); give the full version to use a loaded one"
-                    ) from exc
-                loaded = snapshot.loaded.get(version)
+            # A prefix that names no single loaded version: the store resolves it.
+            try:
+                version = self._store.resolve(version)
+            except redis.RedisError as exc:
+                raise UnavailableError(
+                    f"cannot resolve version prefix {version!r}: the store is unreachable "
+                    f"({exc}); give the full version to use a loaded one"
+                ) from exc
+            loaded = snapshot.loaded.get(version)
         if loaded is not None:
             self._last_used[loaded.version] = time.monotonic()
             return loaded
@@ -145,13 +151,7 @@ class CodebookRegistry:
     def in_memory(self, version: str | None) -> bool:
         """Whether :meth:`get` of ``version`` is served from memory, without the store (the
         active one, a loaded version, or a prefix naming exactly one loaded version)."""
-        snapshot = self._snapshot
-        if not version:
-            return True
-        if version in snapshot.loaded:
-            return True
-        named = [v for v in snapshot.loaded if v.startswith(version)]
-        return len(named) == 1 and len(version) >= MIN_VERSION_PREFIX
+        return not version or _in_memory(self._snapshot, version) is not None
 
     @property
     def active_version(self) -> str | None:
