@@ -43,10 +43,11 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = sampler_pb2.DESCRIPTOR.services_by_name["NegativeSampler"].full_name
 # A time_remaining() beyond this means the caller set no deadline.
 _NO_DEADLINE_S = 1e8
-# Calls the gRPC core lets in at once, beyond max_concurrency, so info, health and overload
-# replies get through; past this the core itself answers RESOURCE_EXHAUSTED.
-_EXTRA_CALLS = 8
-_QUEUED_PER_CALL = 4
+# Calls the gRPC core lets in at once beyond max_concurrency (room for a health check or an
+# info call); past this the core itself answers RESOURCE_EXHAUSTED. Calls that wait in the core
+# for the event loop are invisible to the service's own admission control (they reach it only
+# once the loop is free), so this limit is what refuses gRPC overload at once.
+_EXTRA_CALLS = 1
 _LOOP_START_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
@@ -339,7 +340,6 @@ async def _create(
     reuse_port: bool,
 ) -> tuple[GrpcServer, int]:
     # The aio server binds to the running loop, so it is built on it.
-    calls = settings.max_concurrency + _EXTRA_CALLS
     # Requests carry at most max_batch ids and max_excluded_ids exclusions (<= 10 bytes each
     # as varints) and a few scalars.
     max_receive = max(4 * MIB, 11 * (settings.max_batch + settings.max_excluded_ids) + 64 * 1024)
@@ -358,7 +358,7 @@ async def _create(
             ("grpc.http2.max_ping_strikes", 2),
             ("grpc.max_connection_idle_ms", int(settings.grpc_max_connection_idle_s * 1000)),
         ],
-        maximum_concurrent_rpcs=calls * _QUEUED_PER_CALL,
+        maximum_concurrent_rpcs=settings.max_concurrency + _EXTRA_CALLS,
     )
     mapping = ErrorMapping(service.metrics, tokens)
     servicer = NegativeSamplerServicer(service)
