@@ -88,37 +88,37 @@ def info_nce_loss(
     pos_logits = (scaled * positive).sum(dim=-1)  # (B,)
     if positive_log_q is not None:
         pos_logits = pos_logits - positive_log_q
-    # The log-q correction and the mask form one additive bias, so a (B, N) logit matrix is
-    # written once (addmm) instead of once per adjustment: the pool of shared negatives is
-    # large (B x tens of thousands) and these passes dominated a training step.
-    bias: torch.Tensor | None = None
-    if negative_log_q is not None:
-        bias = -negative_log_q.to(user.dtype).expand(batch, num_neg)
-    if negative_mask is not None:
-        base = bias if bias is not None else user.new_zeros(batch, num_neg)
-        # A finite floor rather than -inf: a row with every negative masked must still get
-        # finite gradients (logsumexp over all -inf has NaN ones); exp(floor - x) is 0.
-        bias = base.masked_fill(negative_mask, torch.finfo(user.dtype).min / 4)
+    floor = torch.finfo(user.dtype).min / 4
     # eq. 14: -log softmax at the positive = logsumexp(positive, negatives) - positive.
     if shared:
+        # log q is one value per column and the mask is applied in place on the logits, so
+        # the (B, N) matrix is written once: the pool of shared negatives is large (B x tens
+        # of thousands) and extra (B, N) passes dominated a training step.
+        column_bias = None if negative_log_q is None else -negative_log_q.to(user.dtype)
         total: torch.Tensor = _SharedLogSumExp.apply(  # type: ignore[no-untyped-call]
-            scaled, negatives, bias, pos_logits
+            scaled, negatives, column_bias, negative_mask, pos_logits, floor
         )
     else:
         neg_logits = torch.einsum("bd,bnd->bn", scaled, negatives)
-        if bias is not None:
-            neg_logits = neg_logits + bias
+        if negative_log_q is not None:
+            neg_logits = neg_logits - negative_log_q.to(user.dtype)
+        if negative_mask is not None:
+            # A finite floor rather than -inf: a row with every negative masked must still
+            # get finite gradients (logsumexp over all -inf has NaN ones); exp(floor - x) = 0.
+            neg_logits = neg_logits.masked_fill(negative_mask, floor)
         total = torch.logaddexp(pos_logits, torch.logsumexp(neg_logits, dim=1))
     return (total - pos_logits).mean()
 
 
 class _SharedLogSumExp(torch.autograd.Function):
-    """logsumexp over [positive, user @ negatives.T + bias] per row, with shared negatives.
+    """logsumexp over [positive, user @ negatives.T - log q, masked] per row, with shared
+    negatives.
 
-    The same value and gradients as composing addmm, logsumexp and logaddexp, but the (B, N)
-    logit matrix is written once and then worked on in place: with batch-shared pools of tens
-    of thousands of negatives these memory passes are most of a training step. ``bias`` is a
-    constant (log q and mask); it gets no gradient.
+    The same value and gradients as composing addmm, masked_fill, logsumexp and logaddexp,
+    but the (B, N) logit matrix is written once and then worked on in place: with
+    batch-shared pools of tens of thousands of negatives these memory passes are most of a
+    training step. ``bias`` ((N,) or (B, N), -log q) and ``mask`` ((B, N) bool, set to
+    ``floor``, finite so that a fully masked row keeps finite gradients) are constants.
     """
 
     @staticmethod
@@ -127,10 +127,14 @@ class _SharedLogSumExp(torch.autograd.Function):
         user: torch.Tensor,
         negatives: torch.Tensor,
         bias: torch.Tensor | None,
+        mask: torch.Tensor | None,
         positive: torch.Tensor,
+        floor: float,
     ) -> torch.Tensor:
         neg_t = negatives.transpose(0, 1)
         logits = user @ neg_t if bias is None else torch.addmm(bias, user, neg_t)
+        if mask is not None:
+            logits.masked_fill_(mask, floor)
         row_max = torch.maximum(logits.amax(dim=1), positive)
         logits.sub_(row_max.unsqueeze(1)).exp_()  # now exp(logit - row max)
         total = row_max + torch.log(logits.sum(dim=1) + torch.exp(positive - row_max))
@@ -147,7 +151,7 @@ class _SharedLogSumExp(torch.autograd.Function):
         grad_user = scaled @ negatives if ctx.needs_input_grad[0] else None
         grad_negatives = scaled.transpose(0, 1) @ user if ctx.needs_input_grad[1] else None
         grad_positive = grad_total * torch.exp(positive - total)
-        return grad_user, grad_negatives, None, grad_positive
+        return grad_user, grad_negatives, None, None, grad_positive, None
 
 
 def shared_negative_mask(
