@@ -296,10 +296,18 @@ def render(result: ExperimentResult, command: str, plot_name: str | None) -> str
             )
         lines.append("")
     secs = result.seconds
+    trial_minutes = sum(float(t.get("seconds", 0.0)) for t in result.tuning) / 60
+    run_minutes = sum(run.seconds for run in result.runs) / 60
     lines += [
         "## Time",
         "",
-        ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items()) + ".",
+        "This invocation: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items())
+        + " (trials and runs resumed from the progress file cost nothing here).",
+        "",
+        f"Compute of the whole evaluation, summed over its trials and runs however many "
+        f"invocations it took: trials {trial_minutes:.1f} min, runs {run_minutes:.1f} min, "
+        f"{(trial_minutes + run_minutes) / 60:.1f} h in all (one trainer thread each).",
         "",
     ]
     return "\n".join(lines)
