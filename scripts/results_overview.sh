@@ -8,13 +8,13 @@ cat <<'HEAD'
 # Evaluation results: where the run stands
 
 The evaluation of issue 10 (batch-shared protocol, early stopping, tuned baselines, Complete
-Journey and MovieLens-1M) has finished on **MovieLens-1M**: its full report is
-[`docs/results-ml-1m.md`](results-ml-1m.md) (with `docs/results-ml-1m.json`, the
-machine-readable schema, and the recall-per-epoch plot). On **Complete Journey** it is still
-running: each finished trial and run is kept, one JSON line each, in
-`docs/results-completejourney.progress.jsonl`, and the command below resumes from it; its full
-report is written when every method and seed has finished. Everything below is generated from the progress files by `esans eval --status`;
-nothing is copied by hand.
+Journey and MovieLens-1M) has finished on both datasets. The full reports are
+[`docs/results-completejourney.md`](results-completejourney.md) and
+[`docs/results-ml-1m.md`](results-ml-1m.md), each with its machine-readable JSON and its
+recall-per-epoch plot. Each finished trial and run is also kept, one JSON line each, in
+`docs/results-<dataset>.progress.jsonl`; a rerun of the commands below resumes from it and
+retrains only what changed. Everything below is generated from the progress files by
+`esans eval --status`; nothing is copied by hand.
 
 ```bash
 .venv/bin/esans eval --dataset completejourney --out docs/results-completejourney.md   # resumes
