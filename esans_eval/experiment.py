@@ -77,7 +77,6 @@ def run_experiment(
     """Tune every method on validation with the same number of trials, then train each
     chosen method for ``budget.seeds`` seeds with early stopping. Finished trials and runs
     go to ``progress_path`` (JSON lines); a rerun with the same budget picks them up."""
-    progress = Progress(progress_path, budget)
 
     def cached(key: str, compute: Callable[[], RunResult]) -> RunResult:
         raw = progress.get(key)
@@ -91,9 +90,15 @@ def run_experiment(
         torch.set_num_threads(budget.threads)
     clock = time.perf_counter()
     data = prepare(dataset, budget, cache_dir)
+    progress = Progress(progress_path, budget, data.features_digest)
+    if progress.stale:
+        log(f"{progress.stale} finished trials / runs were trained on other features: retrained")
     split = data.split
     result = ExperimentResult(
-        dataset=describe(data.dataset),
+        # The features' digest tells whether two evaluations trained on the same inputs: a
+        # seed reproduces its run exactly only on identical features (the text encoder's
+        # floats may differ between machines).
+        dataset={**describe(data.dataset), "features_digest": data.features_digest},
         budget=asdict(budget),
         split={
             "rule": split.rule,

@@ -77,18 +77,32 @@ def jsonable(value: Any) -> Any:
 class Progress:
     """Finished trials and runs, one JSON line each, so that an interrupted evaluation
     resumes where it stopped (same budget: the first line records it). ``path`` None:
-    nothing is kept."""
+    nothing is kept.
 
-    def __init__(self, path: str | Path | None, budget: Budget) -> None:
+    ``features`` is the digest of the prepared features; each line records it, and a line
+    recorded on other features is not reused (it is retrained), so that one table never mixes
+    runs trained on different inputs. Lines from before digests were recorded are reused."""
+
+    def __init__(
+        self, path: str | Path | None, budget: Budget, features: str | None = None
+    ) -> None:
         self.path = None if path is None else Path(path)
+        self.features = features
         self.done: dict[str, dict[str, Any]] = {}
+        self.stale = 0
+        """Lines of the file recorded on other features (not reused)."""
         stamp = jsonable(asdict(budget))
         if self.path is None:
             return
         if self.path.is_file():
             lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
             if lines and lines[0].get("budget") == stamp:
-                self.done = {line["key"]: line["value"] for line in lines[1:]}
+                for line in lines[1:]:
+                    recorded = line.get("features")
+                    if recorded is None or features is None or recorded == features:
+                        self.done[line["key"]] = line["value"]
+                    else:
+                        self.stale += 1
                 return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps({"budget": stamp}) + "\n")
@@ -99,8 +113,11 @@ class Progress:
     def put(self, key: str, value: dict[str, Any]) -> None:
         self.done[key] = value
         if self.path is not None:
+            line: dict[str, Any] = {"key": key, "value": jsonable(value)}
+            if self.features is not None:
+                line["features"] = self.features
             with self.path.open("a") as handle:
-                handle.write(json.dumps({"key": key, "value": jsonable(value)}) + "\n")
+                handle.write(json.dumps(line) + "\n")
 
 
 @dataclass

@@ -259,3 +259,24 @@ def test_complete_journey_loads_offline_and_splits_by_time() -> None:
             for item in window.targets[e]:
                 assert lo <= first_seen[(user, int(item))] < hi
             assert all(first_seen[(user, int(i))] < lo for i in window.history[e])
+
+
+def test_progress_reuses_only_runs_trained_on_the_same_features(tmp_path: Path) -> None:
+    """A resumed evaluation never mixes inputs: lines recorded on other features are
+    retrained; lines from before digests were recorded are reused."""
+    from esans_eval.budget import Budget
+    from esans_eval.results import Progress
+
+    path, budget = tmp_path / "p.jsonl", Budget()
+    first = Progress(path, budget, "aaa")
+    first.put("run:UNS:0", {"valid": 1})
+    with path.open("a") as handle:  # a line written before digests were recorded
+        handle.write(json.dumps({"key": "run:UNS:1", "value": {"valid": 2}}) + "\n")
+    same = Progress(path, budget, "aaa")
+    assert same.get("run:UNS:0") == {"valid": 1} and same.stale == 0
+    other = Progress(path, budget, "bbb")
+    assert other.get("run:UNS:0") is None and other.stale == 1
+    assert other.get("run:UNS:1") == {"valid": 2}
+    other.put("run:UNS:0", {"valid": 3})
+    assert Progress(path, budget, "bbb").get("run:UNS:0") == {"valid": 3}
+    assert Progress(path, budget, "aaa").get("run:UNS:0") == {"valid": 1}
