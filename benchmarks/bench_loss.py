@@ -64,15 +64,17 @@ def previous_form(
     return (total - pos).mean()
 
 
-def _time(step: Callable[[], torch.Tensor], repeat: int) -> float:
-    step().backward()  # type: ignore[no-untyped-call]  # warm-up
-    samples = []
-    for _ in range(repeat):
-        clock = time.perf_counter()
-        step().backward()  # type: ignore[no-untyped-call]
-        samples.append(time.perf_counter() - clock)
-    samples.sort()
-    return 1e3 * samples[len(samples) // 2]
+def _time_alternately(steps: tuple[Callable[[], torch.Tensor], ...], repeat: int) -> list[float]:
+    """Median ms of forward + backward of each step, the steps run in turn each round so
+    that a noisy neighbour slows them alike."""
+    samples: list[list[float]] = [[] for _ in steps]
+    for round_ in range(repeat + 1):
+        for step, times in zip(steps, samples, strict=True):
+            clock = time.perf_counter()
+            step().backward()  # type: ignore[no-untyped-call]
+            if round_:  # the first round warms up
+                times.append(time.perf_counter() - clock)
+    return [1e3 * sorted(times)[len(times) // 2] for times in samples]
 
 
 def main() -> None:
@@ -110,7 +112,7 @@ def main() -> None:
         gb = torch.autograd.grad(b, (user, negatives))
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a, b)
         assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(ga, gb, strict=True))
-        ms_current, ms_previous = _time(current, args.repeat), _time(previous, args.repeat)
+        ms_current, ms_previous = _time_alternately((current, previous), args.repeat)
         print(
             json.dumps(
                 {
