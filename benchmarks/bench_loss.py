@@ -87,6 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
+    figures: dict[str, dict[str, float]] = {}
     for n in args.negatives:
 
         def leaf(*shape: int) -> torch.Tensor:
@@ -113,17 +114,16 @@ def main() -> None:
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a, b)
         assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(ga, gb, strict=True))
         ms_current, ms_previous = _time_alternately((current, previous), args.repeat)
+        figures[str(n)] = {
+            "current_ms": round(ms_current, 2),
+            "previous_ms": round(ms_previous, 2),
+            "speedup": round(ms_previous / ms_current, 2),
+        }
         print(
-            json.dumps(
-                {
-                    "batch": args.batch,
-                    "negatives": n,
-                    "current_ms": round(ms_current, 2),
-                    "previous_ms": round(ms_previous, 2),
-                    "speedup": round(ms_previous / ms_current, 2),
-                }
-            )
+            f"B={args.batch}, N={n}: {ms_current:.1f} ms against {ms_previous:.1f} ms before "
+            f"({ms_previous / ms_current:.2f}x)"
         )
+    print(json.dumps({"benchmark": "loss", "batch": args.batch, "negatives": figures}))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ TINY = {
     "bench_edis.py": ["--items", "20000", "--batches", "5", "--loop-batches", "2"],
     "bench_exclusions.py": ["--items", "20000", "--repeats", "5"],
     "bench_delta.py": ["--items", "5000"],
+    "bench_loss.py": ["--negatives", "300", "--repeat", "2"],
 }
 
 
