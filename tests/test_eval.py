@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -280,3 +281,46 @@ def test_progress_reuses_only_runs_trained_on_the_same_features(tmp_path: Path) 
     other.put("run:UNS:0", {"valid": 3})
     assert Progress(path, budget, "bbb").get("run:UNS:0") == {"valid": 3}
     assert Progress(path, budget, "aaa").get("run:UNS:0") == {"valid": 1}
+
+
+def _probe_levers() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "probe_levers", Path(__file__).resolve().parent.parent / "scripts" / "probe_levers.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_redraws_hard_negatives_by_popularity_within_the_cluster() -> None:
+    """The probe's popularity-weighted hard negatives: in the positive's primary cluster,
+    never in its fine cell, drawn in proportion to (count + 1) ** alpha."""
+    from esans_sampler.contract.messages import SampleResponse
+
+    m_h = 5
+
+    class Service:
+        def sample(self, ids: np.ndarray, **_: Any) -> SampleResponse:
+            b, z = len(ids), np.zeros(len(ids), np.int32)
+            return SampleResponse(
+                "v", "esans", z, z, np.zeros((b, 2, 5), np.int64), np.zeros((b, 2), np.int32),
+                np.zeros((b, 2, 5), np.float32), np.zeros((b, m_h), np.int64),
+                np.full(b, m_h, np.int32), np.zeros((b, m_h), np.float32),
+            )  # fmt: skip
+
+    fine = np.array([0, 0, 1, 1, 1, 2, 3, 3])  # K_s 2: primaries 0 (items 0-4), 1, 1
+    counts = np.array([0.0, 0.0, 99.0, 0.0, 9.0, 0.0, 0.0, 0.0])
+    client = _probe_levers().PopularHardNegatives(Service(), fine, 2, counts, 1.0)
+    ids = np.zeros(2000, dtype=np.int64)  # item 0: fine cell 0, candidates 2, 3, 4
+    response = client.sample(ids, sampler="esans", seed=3)
+    drawn = response.hard_ids[response.hard_valid]
+    assert set(drawn.tolist()) <= {2, 3, 4} and response.hard_valid.mean() > 0.99
+    share = np.bincount(drawn, minlength=5)[2:] / len(drawn)
+    np.testing.assert_allclose(share, np.array([100, 1, 10]) / 111, atol=0.01)
+    other = client.sample(np.array([5, 6]), sampler="esans", seed=3).hard_ids
+    assert set(other[0].tolist()) <= {6, 7} and set(other[1].tolist()) == {5}
+    untouched = client.sample(ids[:3], sampler="uniform", seed=3)
+    assert (untouched.hard_ids == 0).all()
