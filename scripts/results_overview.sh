@@ -5,7 +5,7 @@ set -e
 E=".venv/bin/python -m esans_eval"
 {
 cat <<'HEAD'
-# Evaluation results: where the run stands
+# Evaluation results: every trial, run and probe
 
 The evaluation of issue 10 (batch-shared protocol, early stopping, tuned baselines, Complete
 Journey and MovieLens-1M) has finished on both datasets. The full reports are
@@ -13,8 +13,8 @@ Journey and MovieLens-1M) has finished on both datasets. The full reports are
 [`docs/results-ml-1m.md`](results-ml-1m.md), each with its machine-readable JSON and its
 recall-per-epoch plot. Each finished trial and run is also kept, one JSON line each, in
 `docs/results-<dataset>.progress.jsonl`; a rerun of the commands below resumes from it and
-retrains only what changed. Everything below is generated from the progress files by
-`esans eval --status`; nothing is copied by hand.
+retrains only what changed. Everything below is generated from the progress and probe files by
+`esans eval --status` and `scripts/probe_levers.py --summary`; nothing is copied by hand.
 
 ```bash
 .venv/bin/esans eval --dataset completejourney --out docs/results-completejourney.md   # resumes
@@ -32,11 +32,23 @@ HEAD
 echo "## Complete Journey (68,492 products, first purchases in the last 4 weeks)"
 echo
 echo "Ranking by training popularity, no model: validation R@50 0.0453 / R@200 0.1006, test R@50 0.0438 / R@200 0.0954."
-echo "The learning rate (3e-3) was chosen on validation over 1e-3 for UNS, ESANS and in-batch alike: \`docs/results-completejourney-lr.jsonl\`."
+echo "The learning rate (3e-3) was chosen on validation over 1e-3 for UNS, ESANS and in-batch alike, on the first two epochs: \`docs/results-completejourney-lr.jsonl\`. Trained to convergence, in-batch + log-q does better at 1e-3 (probe below)."
 echo
 $E --status --out docs/results-completejourney.md
+echo
+echo "### Probe: one lever at a time on the product default (validation only)"
+echo
+echo "\`scripts/probe_levers.py --dataset completejourney\`: the product default's chosen trial with one change each, and in-batch + log-q as chosen, trained with early stopping on the evaluation's budget; the test split is never read. Runs: \`docs/probe-levers-completejourney.jsonl\`."
+echo
+.venv/bin/python scripts/probe_levers.py --dataset completejourney --summary
 echo
 echo "## MovieLens-1M (leave last out)"
 echo
 $E --status --out docs/results-ml-1m.md
+echo
+echo "### Probe: EDIS in the product default (validation only)"
+echo
+echo "\`scripts/probe_levers.py --dataset ml-1m --levers 'no EDIS' 'as chosen'\`; runs: \`docs/probe-levers-ml-1m.jsonl\` (the number of hard negatives: \`docs/probe-hardness-ml-1m.jsonl\`)."
+echo
+.venv/bin/python scripts/probe_levers.py --dataset ml-1m --summary
 } > docs/results.md
