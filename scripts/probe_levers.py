@@ -13,8 +13,14 @@ the noise of a curve (epoch to epoch) and of a seed can be read next to each lev
     .venv/bin/python scripts/probe_levers.py --dataset completejourney --summary
 
 ``--learning-rate`` trains every candidate with another learning rate (recorded per run).
-``scripts/probe_hardness.py`` is the earlier probe of the number of hard negatives on
-MovieLens-1M.
+``--trial`` starts from another of the default's validation trials than the chosen one (its
+runs are labelled with it). The number of hard negatives on MovieLens-1M, with each row's own
+and with shared hard negatives (``docs/probe-hardness-ml-1m.jsonl``, written by an earlier
+form of this probe):
+
+    .venv/bin/python scripts/probe_levers.py --dataset ml-1m --levers "m_h 2" "m_h 10" "m_h 20"
+    .venv/bin/python scripts/probe_levers.py --dataset ml-1m --levers "m_h 2" "m_h 10" "m_h 20"
+        --trial "in-batch softmax + ESANS hard negatives"   (one command)
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "no EDIS": {"use_edis": False},
     "m_h 2": {"m_h": 2},
     "m_h 10": {"m_h": 10},
+    "m_h 20": {"m_h": 20},
     "hard negatives log-q corrected": {"correct_drawn": True},
     "+ ESANS simple negatives, uncorrected": {"simple_negatives": True},
     "gamma 4 (sharper cluster choice)": {"simple_negatives": True, "gamma": 4.0},
@@ -156,6 +163,12 @@ def main() -> None:
     parser.add_argument(
         "--summary", action="store_true", help="only print the table of --out, no training"
     )
+    parser.add_argument(
+        "--trial",
+        default=None,
+        choices=[label for label, _ in DEFAULT_LEVERS],
+        help="the default's validation trial to start from (default: the one chosen)",
+    )
     args = parser.parse_args()
     if args.summary:
         path = args.out or Path(f"docs/probe-levers-{args.dataset}.jsonl")
@@ -175,12 +188,21 @@ def main() -> None:
     data = prepare(dataset, budget, args.cache_dir)
     by_name = {m.name: m for m in METHODS}
     default = next(m for m in METHODS if m.role == "default")
-    chosen_default = replace(default, **dict(DEFAULT_LEVERS)[report["chosen"][default.name]])
+    trial = args.trial or report["chosen"][default.name]
+    chosen_default = replace(default, **dict(DEFAULT_LEVERS)[trial])
+    suffix = "" if trial == report["chosen"][default.name] else f" ({trial})"
     baseline = by_name["in-batch + log-q"]
     baseline = replace(baseline, **dict(TUNING[baseline.name])[report["chosen"][baseline.name]])
-    candidates: list[tuple[str, Method]] = [("in-batch + log-q (as chosen)", baseline)]
+    # (label of the runs, lever, method); the baseline is no lever
+    candidates: list[tuple[str, str | None, Method]] = [
+        ("in-batch + log-q (as chosen)", None, baseline)
+    ]
     candidates += [
-        (label, replace(chosen_default, name=f"default, {label}", role="probe", **LEVERS[label]))
+        (
+            label + suffix,
+            label,
+            replace(chosen_default, name=f"default, {label}", role="probe", **LEVERS[label]),
+        )
         for label in args.levers
     ]
     done: set[tuple[str, int]] = set()
@@ -196,14 +218,14 @@ def main() -> None:
         artifact = build_codebook(data, FULL, kp, ks, budget, args.cache_dir)
         sampling = Sampling({FULL: service.publish(artifact)}, {FULL: fine_cells(artifact)})
         for seed in args.seeds:
-            for label, method in candidates:
+            for label, lever, method in candidates:
                 if (label, seed) in done:
                     continue
                 client: Any = service.client
-                if label in POPULAR_HARD:
+                if lever in POPULAR_HARD:
                     client = PopularHardNegatives(
                         client, sampling.fine[FULL], ks, data.popularity.astype(np.float64),
-                        POPULAR_HARD[label],
+                        POPULAR_HARD[lever],
                     )  # fmt: skip
                 run = train_run(data, method, sampling, client, budget, seed, evaluate_test=False)
                 record = {
