@@ -91,9 +91,10 @@ def info_nce_loss(
     floor = torch.finfo(user.dtype).min / 4
     # eq. 14: -log softmax at the positive = logsumexp(positive, negatives) - positive.
     if shared:
-        # log q is one value per column and the mask is applied in place on the logits, so
-        # the (B, N) matrix is written once: the pool of shared negatives is large (B x tens
-        # of thousands) and extra (B, N) passes dominated a training step.
+        # log q enters as addmm's bias (broadcast when it is one value per column) and the
+        # mask is applied in place on the logits, so the (B, N) matrix is written once: the
+        # pool of shared negatives is large (B x tens of thousands) and extra (B, N) passes
+        # dominated a training step.
         column_bias = None if negative_log_q is None else -negative_log_q.to(user.dtype)
         total: torch.Tensor = _SharedLogSumExp.apply(  # type: ignore[no-untyped-call]
             scaled, negatives, column_bias, negative_mask, pos_logits, floor
