@@ -86,6 +86,8 @@ def run_experiment(
         progress.put(key, asdict(run))
         return run
 
+    if progress_path is not None:
+        Progress.check(progress_path, budget)  # before hours of preparation
     if budget.threads is not None:
         torch.set_num_threads(budget.threads)
     clock = time.perf_counter()

@@ -74,10 +74,14 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+class ProgressMismatch(RuntimeError):
+    """A progress file written with another budget."""
+
+
 class Progress:
     """Finished trials and runs, one JSON line each, so that an interrupted evaluation
-    resumes where it stopped (same budget: the first line records it). ``path`` None:
-    nothing is kept.
+    resumes where it stopped (same budget: the first line records it; a file of another
+    budget is refused, never overwritten). ``path`` None: nothing is kept.
 
     ``features`` is the digest of the prepared features; each line records it, and a line
     recorded on other features is not reused (it is retrained), so that one table never mixes
@@ -91,21 +95,45 @@ class Progress:
         self.done: dict[str, dict[str, Any]] = {}
         self.stale = 0
         """Lines of the file recorded on other features (not reused)."""
-        stamp = jsonable(asdict(budget))
         if self.path is None:
             return
-        if self.path.is_file():
-            lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-            if lines and lines[0].get("budget") == stamp:
-                for line in lines[1:]:
-                    recorded = line.get("features")
-                    if recorded is None or features is None or recorded == features:
-                        self.done[line["key"]] = line["value"]
-                    else:
-                        self.stale += 1
-                return
+        lines = self.check(self.path, budget)
+        if lines:
+            for line in lines[1:]:
+                recorded = line.get("features")
+                if recorded is None or features is None or recorded == features:
+                    self.done[line["key"]] = line["value"]
+                else:
+                    self.stale += 1
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"budget": stamp}) + "\n")
+        self.path.write_text(json.dumps({"budget": jsonable(asdict(budget))}) + "\n")
+
+    @staticmethod
+    def check(path: str | Path, budget: Budget) -> list[dict[str, Any]]:
+        """The lines of the progress file at ``path`` ([] when there is none yet). Raises
+        :class:`ProgressMismatch` when it was written with another budget: its runs cannot be
+        reused, and starting over would throw hours of them away."""
+        path = Path(path)
+        if not path.is_file():
+            return []
+        try:
+            lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        except ValueError as exc:
+            raise ProgressMismatch(f"{path} is not a progress file: {exc}") from exc
+        stamp = jsonable(asdict(budget))
+        recorded = lines[0].get("budget") if lines else stamp
+        if recorded != stamp:
+            differ = sorted(
+                k
+                for k in set(stamp) | set(recorded or {})
+                if (recorded or {}).get(k) != stamp.get(k)
+            )
+            raise ProgressMismatch(
+                f"{path} holds runs of another budget (differs in: {', '.join(differ)}); "
+                "give this evaluation its own --progress (or --out), or delete that file"
+            )
+        return lines
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.done.get(key)

@@ -12,8 +12,8 @@ Journey and MovieLens-1M) has finished on both datasets. The full reports are
 [`docs/results-completejourney.md`](results-completejourney.md) and
 [`docs/results-ml-1m.md`](results-ml-1m.md), each with its machine-readable JSON and its
 recall-per-epoch plot. Each finished trial and run is also kept, one JSON line each, in
-`docs/results-<dataset>.progress.jsonl`; a rerun of the commands below resumes from it and
-retrains only what changed. Everything below is generated from the progress and probe files by
+`docs/results-<dataset>.progress.jsonl`; a rerun of the commands below with the same budget
+resumes from it and retrains only what changed. Everything below is generated from the progress and probe files by
 `esans eval --status` and `scripts/probe_levers.py --summary`; nothing is copied by hand.
 
 ```bash

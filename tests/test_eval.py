@@ -324,3 +324,23 @@ def test_probe_redraws_hard_negatives_by_popularity_within_the_cluster() -> None
     assert set(other[0].tolist()) <= {6, 7} and set(other[1].tolist()) == {5}
     untouched = client.sample(ids[:3], sampler="uniform", seed=3)
     assert (untouched.hard_ids == 0).all()
+
+
+def test_progress_of_another_budget_is_refused_not_overwritten(tmp_path: Path) -> None:
+    from esans_eval.budget import Budget
+    from esans_eval.results import Progress, ProgressMismatch
+
+    path = tmp_path / "p.jsonl"
+    Progress(path, Budget(), "aaa").put("run:UNS:0", {"valid": 1})
+    before = path.read_text()
+    with pytest.raises(ProgressMismatch, match="differs in: learning_rate"):
+        Progress(path, Budget(learning_rate=0.5), "aaa")
+    assert path.read_text() == before
+    (tmp_path / "junk.jsonl").write_text("not json\n")
+    with pytest.raises(ProgressMismatch, match="not a progress file"):
+        Progress(tmp_path / "junk.jsonl", Budget())
+    # The command line says so before preparing anything, and exits 2.
+    args = ["--dataset", "ml-100k", "--cache-dir", str(tmp_path), "--progress", str(path),
+            "--out", str(tmp_path / "r.md")]  # fmt: skip
+    assert main(args) == 2
+    assert path.read_text() == before
