@@ -3,8 +3,9 @@
 The registry keeps an immutable snapshot (active codebook + version -> codebook) and
 replaces it with one reference assignment, so a request that takes the snapshot sees
 exactly one version for its whole life and the request path never touches Redis or a lock.
-A daemon watcher thread follows the store: it subscribes to ``{ns}:events`` and also polls
-the active pointer every ``poll_interval_s`` (events can be lost across reconnects). When
+A daemon watcher thread (:mod:`esans_service.codebook_watcher`) follows the store: it
+subscribes to ``{ns}:events`` and also polls the active pointer every ``poll_interval_s``
+(events can be lost across reconnects). When
 Redis is unreachable, or no longer names an active version (restarted empty), the replica
 keeps serving its last good codebook and reports ``stale``; a version that fails
 verification is never swapped in.
@@ -31,21 +32,14 @@ from esans_sampler.errors import (
     NotFoundError,
     UnavailableError,
 )
+from esans_service.codebook_watcher import CodebookWatcher
 from esans_service.loaded_codebook import LoadedCodebook, load_codebook, shared_snapshot
-from esans_service.store import (
-    EVENT_DELETED,
-    FULL_VERSION_CHARS,
-    MIN_VERSION_PREFIX,
-    CodebookStore,
-    parse_event,
-)
+from esans_service.store import FULL_VERSION_CHARS, MIN_VERSION_PREFIX, CodebookStore
 
 logger = logging.getLogger(__name__)
 
 # A poll skips an active version that failed to load this recently (an event retries it).
 _FAILED_RETRY_S = 60.0
-# Upper bound on one wait of the watcher, so stop() is prompt.
-_WATCH_TICK_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -106,8 +100,7 @@ class CodebookRegistry:
         self._inflight: dict[str, Future[LoadedCodebook]] = {}
         self._failed: dict[str, float] = {}
         self._stale_reason: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._watcher: CodebookWatcher | None = None
 
     # -- read side (the request path) -------------------------------------------------
 
@@ -215,7 +208,7 @@ class CodebookRegistry:
                 f"{self.loaded_versions() or 'none'} ({exc})"
             ) from exc
         except redis.RedisError as exc:
-            self._note_store_error(exc)
+            self.note_store_error(exc)
             raise UnavailableError(
                 f"codebook version {version!r} is not in memory and the store is "
                 f"unreachable ({exc}); loaded versions: {self.loaded_versions() or 'none'}"
@@ -261,7 +254,7 @@ class CodebookRegistry:
             try:
                 version = self._store.active_version()
             except redis.RedisError as exc:
-                self._note_store_error(exc)
+                self.note_store_error(exc)
                 return False
             current = self._snapshot.active
             if version is None:
@@ -320,7 +313,9 @@ class CodebookRegistry:
                 logger.warning("codebook registry is stale: %s", reason)
         self._stale_reason = reason
 
-    def _note_store_error(self, exc: Exception) -> None:
+    def note_store_error(self, exc: Exception) -> None:
+        """Redis failed: keep serving the last good codebook, report stale and tell the
+        ``on_store_error`` callback."""
         served = self.active_version
         self._set_stale(
             f"codebook store unreachable ({type(exc).__name__}: {exc}); serving last good "
@@ -335,28 +330,22 @@ class CodebookRegistry:
             except Exception:
                 logger.exception("on_store_error callback failed")
 
-    # -- watcher thread ---------------------------------------------------------------
+    # -- following the store ------------------------------------------------------------
 
     def start(self) -> CodebookRegistry:
-        """Refresh once, then follow the store from a daemon thread; no-op if running."""
-        if self._thread is not None and self._thread.is_alive():
+        """Refresh once, then follow the store from a daemon thread
+        (:class:`~esans_service.codebook_watcher.CodebookWatcher`); no-op if running."""
+        if self._watcher is not None and self._watcher.running:
             return self
-        self._stop.clear()
         self.refresh()
-        self._thread = threading.Thread(
-            target=self._watch, name="esans-codebook-watcher", daemon=True
-        )
-        self._thread.start()
+        self._watcher = CodebookWatcher(self, self._store, self._poll_interval_s).start()
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the watcher thread and wait for it; idempotent."""
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout_s)
-            if thread.is_alive():
-                logger.warning("codebook watcher did not stop within %.1f s", timeout_s)
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.stop(timeout_s)
 
     def __enter__(self) -> CodebookRegistry:
         return self.start()
@@ -368,67 +357,6 @@ class CodebookRegistry:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-    def _watch(self) -> None:
-        pubsub: redis.client.PubSub | None = None
-        next_poll = time.monotonic() + self._poll_interval_s
-        retry_subscribe_at = 0.0
-        try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if pubsub is None and now >= retry_subscribe_at:
-                    pubsub = self._subscribe()
-                    if pubsub is None:
-                        retry_subscribe_at = now + min(1.0, self._poll_interval_s)
-                    else:
-                        self._refresh_safely(skip_recent_failures=False)  # missed events
-                wait = max(0.0, min(_WATCH_TICK_S, next_poll - time.monotonic()))
-                if pubsub is None:
-                    self._stop.wait(wait)
-                else:
-                    try:
-                        message = pubsub.get_message(timeout=wait)
-                    except (redis.RedisError, OSError, ValueError) as exc:
-                        logger.warning("codebook event subscription lost: %s", exc)
-                        self._close_pubsub(pubsub)
-                        pubsub = None
-                        self._note_store_error(exc)
-                        continue
-                    if message is not None and message.get("type") == "message":
-                        event = parse_event(message["data"])
-                        logger.debug("codebook event %s", event)
-                        if event is not None and event[0] == EVENT_DELETED:
-                            self.forget(event[1])
-                        self._refresh_safely(skip_recent_failures=False)
-                if time.monotonic() >= next_poll:
-                    self._refresh_safely(skip_recent_failures=True)
-                    self._forget_deleted()  # events may have been missed
-                    next_poll = time.monotonic() + self._poll_interval_s
-        finally:
-            self._close_pubsub(pubsub)
-
-    def _subscribe(self) -> redis.client.PubSub | None:
-        # redis-py leaves pubsub() unannotated.
-        pubsub: redis.client.PubSub = self._store.client.pubsub(  # type: ignore[no-untyped-call]
-            ignore_subscribe_messages=True
-        )
-        try:
-            pubsub.subscribe(self._store.events_channel)
-        except (redis.RedisError, OSError) as exc:
-            self._close_pubsub(pubsub)
-            self._note_store_error(exc)
-            return None
-        logger.info("subscribed to %s", self._store.events_channel)
-        return pubsub
-
-    @staticmethod
-    def _close_pubsub(pubsub: redis.client.PubSub | None) -> None:
-        if pubsub is None:
-            return
-        try:
-            pubsub.close()
-        except (redis.RedisError, OSError) as exc:  # best effort
-            logger.debug("closing the subscription failed: %s", exc)
 
     def forget(self, version: str) -> None:
         """Drop a loaded, non-active ``version`` from memory (it was deleted from the store),
@@ -443,20 +371,9 @@ class CodebookRegistry:
         self._last_used.pop(version, None)
         logger.info("codebook %s was deleted from the store; dropped from memory", version)
 
-    def _forget_deleted(self) -> None:
-        active = self._snapshot.active
-        for version in list(self._snapshot.loaded):
-            if active is not None and version == active.version:
-                continue
-            try:
-                # HGET, not EXISTS: the read-only serving ACL user may run it.
-                gone = self._store.client.hget(self._store.meta_key(version), "created_at") is None
-            except redis.RedisError:
-                return  # unreachable: keep serving what is loaded
-            if gone:
-                self.forget(version)
-
-    def _refresh_safely(self, skip_recent_failures: bool) -> None:
+    def refresh_quietly(self, skip_recent_failures: bool) -> None:
+        """:meth:`refresh` for the watcher: a poll skips an active version that failed to
+        load in the last minute (an event retries it), and nothing escapes."""
         try:
             self._refresh(skip_recent_failures=skip_recent_failures)
         except Exception:  # the watcher must survive anything
