@@ -58,10 +58,8 @@ LEVERS: dict[str, dict[str, Any]] = {
     "+ ESANS simple negatives, uncorrected": {"simple_negatives": True},
     "gamma 4 (sharper cluster choice)": {"simple_negatives": True, "gamma": 4.0},
     "lambda 0.5 (harder virtual negatives)": {"hard_lambda": 0.5},
-    "hard negatives by popularity (alpha 1)": {},
-    "hard negatives by popularity (alpha 0.5)": {},
 }
-"""One change each to the product default's chosen trial."""
+"""One change each to the product default's chosen trial (with :data:`POPULAR_HARD`)."""
 
 POPULAR_HARD = {
     "hard negatives by popularity (alpha 1)": 1.0,
@@ -71,6 +69,7 @@ POPULAR_HARD = {
 from its primary cluster less its fine cell, with probability proportional to (training count
 + 1) ** alpha, instead of uniformly. In-batch negatives are popular items, and the items that
 compete for a top-50 are popular too; uniform same-cluster negatives are mostly rare items."""
+LEVERS.update({label: {} for label in POPULAR_HARD})
 
 
 class PopularHardNegatives:
@@ -84,13 +83,12 @@ class PopularHardNegatives:
         self._client = client
         self._fine = fine
         primary = fine // num_secondary
-        self._order = np.argsort(primary, kind="stable")
-        weights = (counts[self._order] + 1.0) ** alpha
-        self._cumulative = np.concatenate(([0.0], np.cumsum(weights)))
-        bounds = np.searchsorted(primary[self._order], np.arange(primary.max() + 2))
-        self._start, self._end = bounds[primary], bounds[primary + 1]
-        self._primary_total = self._cumulative[self._end] - self._cumulative[self._start]
         self._weight = (counts + 1.0) ** alpha
+        self._order = np.argsort(primary, kind="stable")
+        self._cumulative = np.concatenate(([0.0], np.cumsum(self._weight[self._order])))
+        bounds = np.searchsorted(primary[self._order], np.arange(primary.max() + 2))
+        self._start = bounds[primary]
+        self._primary_total = self._cumulative[bounds[primary + 1]] - self._cumulative[self._start]
 
     def sample(self, ids: npt.NDArray[np.int64], **kwargs: Any) -> SampleResponse:
         response: SampleResponse = self._client.sample(ids, **kwargs)
