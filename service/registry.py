@@ -5,10 +5,9 @@ replaces it with one reference assignment, so a request that takes the snapshot 
 exactly one version for its whole life and the request path never touches Redis or a lock.
 A daemon watcher thread (:mod:`esans_service.codebook_watcher`) follows the store: it
 subscribes to ``{ns}:events`` and also polls the active pointer every ``poll_interval_s``
-(events can be lost across reconnects). When
-Redis is unreachable, or no longer names an active version (restarted empty), the replica
-keeps serving its last good codebook and reports ``stale``; a version that fails
-verification is never swapped in.
+(events can be lost across reconnects). When Redis is unreachable, or no longer names an
+active version (restarted empty), the replica keeps serving its last good codebook and
+reports ``stale``; a version that fails verification is never swapped in.
 """
 
 from __future__ import annotations
