@@ -10,11 +10,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from esans_eval.budget import Budget
 from esans_eval.datasets import Dataset
 from esans_eval.features import all_features
 from esans_eval.split import Split, dataset_split, recent_history, training_examples
+from esans_eval.two_tower import TOWER_INPUTS, principal_features
 
 IntArray = npt.NDArray[np.int64]
 
@@ -26,7 +28,9 @@ class Prepared:
     dataset: Dataset
     split: Split
     modalities: dict[str, npt.NDArray[np.float32]]
-    tower_features: npt.NDArray[np.float32]
+    tower_inputs: torch.Tensor
+    """(I, <= 64) the item tower's input features, reduced once (:func:`principal_features`)
+    rather than by every run's model (a 68k x 448 SVD per run)."""
     popularity: npt.NDArray[np.float64]
     popularity_percentile: npt.NDArray[np.float64]
     log_frequency: npt.NDArray[np.float64]
@@ -56,7 +60,9 @@ def prepare(dataset: Dataset, budget: Budget, cache_dir: str | Path) -> Prepared
         dataset=dataset,
         split=split,
         modalities=modalities,
-        tower_features=np.concatenate([modalities["text"], modalities["metadata"]], axis=1),
+        tower_inputs=principal_features(
+            np.concatenate([modalities["text"], modalities["metadata"]], axis=1), TOWER_INPUTS
+        ),
         popularity=popularity,
         popularity_percentile=ranks / max(dataset.num_items - 1, 1),
         log_frequency=np.log(np.maximum(target_counts, 0.5) / max(len(targets), 1)),

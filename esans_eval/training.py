@@ -140,7 +140,7 @@ def train_run(
     evaluate the best epoch's weights on test."""
     started = time.perf_counter()
     torch.manual_seed(seed)
-    model = TwoTower(data.tower_features, dim=budget.dim)
+    model = TwoTower(data.tower_inputs, dim=budget.dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=budget.learning_rate)
     rng = np.random.default_rng(seed)
     n = len(data.ex_targets)

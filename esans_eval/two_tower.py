@@ -1,8 +1,9 @@
 """The two-tower retrieval model trained by every method (only the negatives differ).
 
 item tower: v_i = normalize(E[i] + W_2 gelu(W_1 x_i)), with x_i the item's text and metadata
-  features, standardised and (when wider than ``feature_dim``) projected onto their top
-  principal components once, and E an item-id embedding.
+  features, standardised and (when wider than :data:`TOWER_INPUTS`) projected onto their top
+  principal components once per dataset (:func:`principal_features`), and E an item-id
+  embedding.
 user tower: u = normalize(h + MLP(h)), h = mean of the item-tower outputs of the user's
   most recent ``history`` training items (padding excluded).
 Both outputs are L2-normalised, d_k wide, so logits are cosines / tau. A step only runs the
@@ -17,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+TOWER_INPUTS = 64
+"""Width of the item tower's feature input."""
+
 
 def principal_features(features: npt.NDArray[np.float32], width: int) -> torch.Tensor:
     """(I, min(F, width)) standardised features, reduced by PCA when F > width."""
@@ -30,18 +34,13 @@ def principal_features(features: npt.NDArray[np.float32], width: int) -> torch.T
 
 
 class TwoTower(nn.Module):
-    """features: (I, F) item features. Item ids are rows 0..I-1; id I is the padding."""
+    """inputs: (I, F) item features as :func:`principal_features` returns them. Item ids
+    are rows 0..I-1; id I is the padding."""
 
-    def __init__(
-        self,
-        features: npt.NDArray[np.float32],
-        dim: int = 64,
-        hidden: int = 128,
-        feature_dim: int = 64,
-    ) -> None:
+    def __init__(self, inputs: torch.Tensor, dim: int = 64, hidden: int = 128) -> None:
         super().__init__()
-        x = principal_features(features, feature_dim)
-        self.register_buffer("features", x)
+        x = inputs
+        self.register_buffer("features", x, persistent=False)  # shared by runs, never trained
         self.num_items = int(x.shape[0])
         self.item_ids = nn.Embedding(self.num_items, dim)
         nn.init.normal_(self.item_ids.weight, std=0.05)
