@@ -366,5 +366,7 @@ def _baseline_sample(
         hard_rows=hard_rows,
         hard_counts=hard_counts,
         hard_log_q=hard_log_q,
+        simple_secondary=np.full((batch, m_c, m_o), -1, dtype=np.int32),
+        hard_secondary=np.full((batch, m_h), -1, dtype=np.int32),
         sampler=name,
     )

@@ -55,6 +55,9 @@ class NegativeSample:
     hard_ids, hard_rows: (B, m_h) int64 hard negatives, -1 past ``hard_counts``.
     hard_counts: (B,) int32 number of real hard negatives in each row.
     hard_log_q: (B, m_h) float32 log-probability of each hard slot, -inf on padding.
+    simple_secondary, hard_secondary: (B, m_c, m_o) and (B, m_h) int32 secondary codes of the
+    negatives, -1 for baselines and on padding: with the primary (the drawn cluster, the
+    positive's), a negative's fine cell.
     sampler: name of the sampler that drew them.
     """
 
@@ -70,6 +73,8 @@ class NegativeSample:
     hard_rows: IdArray
     hard_counts: CodeArray
     hard_log_q: LogQArray
+    simple_secondary: CodeArray
+    hard_secondary: CodeArray
     sampler: str
 
     @property
@@ -292,11 +297,14 @@ class EsansSampler:
         hard_rows, hard_ids = self._rows_and_ids(
             records[items:].reshape(m_h, batch, 2).transpose(1, 0, 2)
         )
+        secondary_of_row = self.index.secondary
+        hard_secondary = secondary_of_row.take(hard_rows).astype(np.int32, copy=False)
         if filled is not None:  # some rows hold fewer than m_h: pad them
             padding = ~filled.T
             hard_rows[padding] = -1
             hard_ids[padding] = -1
             hard_log_q[padding] = -np.inf
+            hard_secondary[padding] = -1
         return NegativeSample(
             positive_ids=ids,
             positive_rows=rows,
@@ -310,6 +318,8 @@ class EsansSampler:
             hard_rows=hard_rows,
             hard_counts=hard_counts,
             hard_log_q=hard_log_q,
+            simple_secondary=secondary_of_row.take(simple_rows).astype(np.int32, copy=False),
+            hard_secondary=hard_secondary,
             sampler=self.name,
         )
 

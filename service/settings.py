@@ -64,6 +64,7 @@ def response_bytes(batch: int, m_c: int, m_o: int, m_h: int, embedding_dim: int 
         + m_c * 4  # simple_clusters int32
         + m_h * (8 + 4)  # hard_ids int64, hard_log_q float32
         + 4  # hard_counts int32
+        + (m_c * m_o + m_h) * 4  # simple_secondary, hard_secondary int32
     )
     if embedding_dim > 0:
         t = m_o * (m_o + 1) // 2 - 1
@@ -71,7 +72,7 @@ def response_bytes(batch: int, m_c: int, m_o: int, m_h: int, embedding_dim: int 
             embedding_dim * (1 + m_c * m_o + 2 * m_h + m_c * t)  # vectors
             + m_c * t * m_o  # simple_weights
         )
-    return batch * per_row + 11 * _TENSOR_OVERHEAD_BYTES
+    return batch * per_row + 13 * _TENSOR_OVERHEAD_BYTES
 
 
 class Settings(BaseSettings):

@@ -26,6 +26,9 @@ def _check_common(sample: NegativeSample, index: ClusterIndex, m_c: int, m_o: in
     assert np.all(sample.simple_clusters == -1) and sample.simple_clusters.shape == (b, m_c)
     assert np.all(sample.hard_counts == 0) and np.all(sample.hard_ids == -1)
     assert np.all(sample.hard_rows == -1) and np.all(sample.hard_log_q == -np.inf)
+    assert np.all(sample.simple_secondary == -1) and np.all(sample.hard_secondary == -1)
+    assert sample.simple_secondary.shape == sample.simple_ids.shape
+    assert sample.hard_secondary.shape == sample.hard_ids.shape
     assert sample.simple_log_q.dtype == np.float32
     assert np.array_equal(index.primary[sample.positive_rows], sample.positive_primary)
 

@@ -75,7 +75,7 @@ def test_request_round_trips_through_proto_and_json(options: dict[str, object]) 
         assert (decoded.codebook_version or "") == (request.codebook_version or "")
 
 
-def _response(embeddings: bool) -> SampleResponse:
+def _response(embeddings: bool, secondary: bool = True) -> SampleResponse:
     rng = np.random.default_rng(0)
     b, m_c, m_o, m_h, d = 3, 2, 3, 2, 4
     t = sum(range(2, m_o + 1))
@@ -104,23 +104,32 @@ def _response(embeddings: bool) -> SampleResponse:
         hard_ids=np.array([[4, -1], [5, 6], [7, 8]], np.int64),
         hard_counts=np.array([1, 2, 2], np.int32),
         hard_log_q=hard_log_q,
+        simple_secondary=rng.integers(-1, 9, (b, m_c, m_o)).astype(np.int32) if secondary else None,
+        hard_secondary=np.array([[3, -1], [0, 1], [2, 2]], np.int32) if secondary else None,
         embeddings=e,
     )
 
 
+@pytest.mark.parametrize("secondary", [True, False], ids=["current", "older server"])
 @pytest.mark.parametrize("embeddings", [False, True])
-def test_response_round_trips_through_bytes_and_json(embeddings: bool) -> None:
-    response = _response(embeddings)
+def test_response_round_trips_through_bytes_and_json(embeddings: bool, secondary: bool) -> None:
+    response = _response(embeddings, secondary)
     args = (response.codebook_version, response.sampler, response, response.embeddings)
     data = response_to_bytes(*args)
     # The binary codec writes what the protobuf classes would parse.
-    assert sampler_pb2.SampleNegativesResponse.FromString(data).codebook_version == "v" * 16
+    message = sampler_pb2.SampleNegativesResponse.FromString(data)
+    assert message.codebook_version == "v" * 16
+    assert message.HasField("hard_secondary") == secondary
+    names = ["simple_ids", "simple_log_q", "hard_ids", "hard_counts", "hard_log_q"]
+    names += ["simple_secondary", "hard_secondary"] if secondary else []
     for decoded in (response_from_bytes(data), response_from_json(response_to_json(*args))):
         assert (decoded.codebook_version, decoded.sampler) == ("v" * 16, "popularity")
-        for name in ("simple_ids", "simple_log_q", "hard_ids", "hard_counts", "hard_log_q"):
+        for name in names:
             got, want = getattr(decoded, name), getattr(response, name)
             assert got.dtype == want.dtype, name
             np.testing.assert_array_equal(got, want)
+        if not secondary:  # fields an older server does not send read as None
+            assert decoded.simple_secondary is None and decoded.hard_secondary is None
         assert (decoded.embeddings is None) == (not embeddings)
         if decoded.embeddings is not None and response.embeddings is not None:
             np.testing.assert_array_equal(

@@ -147,6 +147,10 @@ def test_hard_negatives_shrink_when_exclusions_leave_fewer_than_m_h() -> None:
     assert (sample.hard_counts == 2).all()
     assert (sample.hard_ids[:, 2:] == -1).all() and np.isneginf(sample.hard_log_q[:, 2:]).all()
     np.testing.assert_allclose(np.exp(sample.hard_log_q[:, :2]), 1 / 2, rtol=1e-6)
+    # the secondary codes follow the redrawn items, and the padding
+    assert np.array_equal(sample.hard_secondary[:, :2], INDEX.secondary[sample.hard_rows[:, :2]])
+    assert (sample.hard_secondary[:, 2:] == -1).all()
+    assert np.array_equal(sample.simple_secondary, INDEX.secondary[sample.simple_rows])
 
 
 @pytest.mark.parametrize(

@@ -95,3 +95,15 @@ def test_readme_training_example_runs(server: tuple[int, int]) -> None:
     )  # fmt: skip
     losses = [float(x) for x in re.findall(r"loss (\S+)", result.stdout)]
     assert len(losses) == 3 and all(loss > 0 for loss in losses)
+
+
+def test_readme_shared_negatives_example_runs(server: tuple[int, int]) -> None:
+    grpc_port, http_port = server
+    example = next(b for b in _blocks("python") if "batch_softmax_loss" in b)
+    result = subprocess.run(
+        [sys.executable, "-c", _localise(example, grpc_port, http_port)],
+        check=True, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    pairs = re.findall(r"paper loss (\S+), default loss (\S+)", result.stdout)
+    assert len(pairs) == 3
+    assert all(0 < float(x) < 1e4 for pair in pairs for x in pair), result.stdout

@@ -82,6 +82,11 @@ def _check_rules(
         assert np.all(sample.hard_ids[b, count:] == -1)
         assert np.all(sample.hard_rows[b, count:] == -1)
         assert np.all(sample.hard_log_q[b, count:] == -np.inf)
+        # Secondary codes on the wire: a trainer masks fine cells with them.
+        assert np.array_equal(sample.hard_secondary[b, :count], index.secondary[rows])
+        assert np.all(sample.hard_secondary[b, count:] == -1)
+    assert np.array_equal(sample.simple_secondary, index.secondary[sample.simple_rows])
+    assert sample.simple_secondary.dtype == sample.hard_secondary.dtype == np.int32
 
 
 @settings(max_examples=80, deadline=None)

@@ -24,7 +24,7 @@ from esans_service.store import CodebookStore
 
 SAMPLE = (
     "positive_primary", "positive_secondary", "simple_ids", "simple_clusters", "simple_log_q",
-    "hard_ids", "hard_counts", "hard_log_q",
+    "hard_ids", "hard_counts", "hard_log_q", "simple_secondary", "hard_secondary",
 )  # fmt: skip
 EMBEDDINGS = ("positive", "simple", "hard", "virtual_simple", "simple_weights", "virtual_hard")
 KINDS = {

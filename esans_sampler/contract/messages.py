@@ -39,6 +39,9 @@ _INFO = sampler_pb2.GetCodebookInfoResponse.DESCRIPTOR
 OPTIONAL_REQUEST_FIELDS = tuple(
     f.name for f in _REQUEST.fields if f.has_presence and f.message_type is None
 )
+# Response tensors added after the first v1 release: an older server leaves them out, and
+# a client reads their absence as None.
+ADDED_RESPONSE_TENSORS = ("simple_secondary", "hard_secondary")
 SAMPLE_METHOD = "/esans.v1.NegativeSampler/SampleNegatives"
 INFO_METHOD = "/esans.v1.NegativeSampler/GetCodebookInfo"
 _KIND_PREFIX = "SAMPLER_KIND_"
@@ -234,7 +237,9 @@ class SampleResponse:
 
     simple_ids (B, m_c, m_o) int64, simple_clusters (B, m_c) int32, simple_log_q float32;
     hard_ids (B, m_h) int64 (-1 past hard_counts), hard_counts (B,) int32, hard_log_q
-    float32 (-inf past hard_counts); positive_primary / positive_secondary (B,) int32.
+    float32 (-inf past hard_counts); positive_primary / positive_secondary (B,) int32;
+    simple_secondary (B, m_c, m_o) / hard_secondary (B, m_h) int32, -1 for baselines and past
+    hard_counts, None from a server older than these fields (see :meth:`fine_cells`).
     """
 
     codebook_version: str
@@ -247,6 +252,8 @@ class SampleResponse:
     hard_ids: npt.NDArray[np.int64]
     hard_counts: npt.NDArray[np.int32]
     hard_log_q: npt.NDArray[np.float32]
+    simple_secondary: npt.NDArray[np.int32] | None = None
+    hard_secondary: npt.NDArray[np.int32] | None = None
     embeddings: SampledEmbeddings | None = None
 
     @property
@@ -255,6 +262,47 @@ class SampleResponse:
         m_h = self.hard_ids.shape[1]
         mask: npt.NDArray[np.bool_] = np.arange(m_h)[None, :] < self.hard_counts[:, None]
         return mask
+
+    def fine_cells(self) -> FineCells:
+        """The fine cells of the positives and negatives, as one int64 key per item
+        (primary * 2**32 + secondary; equal keys = same cell), for masking shared negatives.
+
+        Raises :class:`EsansError` when the server sent no secondary codes (a server older
+        than ``simple_secondary`` / ``hard_secondary``) and :class:`InvalidInputError` for a
+        baseline's response, whose draws have no cells.
+        """
+        if self.simple_secondary is None or self.hard_secondary is None:
+            raise EsansError(
+                "this response carries no secondary codes of its negatives: the server predates "
+                "simple_secondary / hard_secondary; upgrade it to mask fine cells in the trainer"
+            )
+        if self.sampler != ESANS:
+            raise InvalidInputError(
+                f"only ESANS draws have fine cells; this response is from {self.sampler!r}"
+            )
+        batch = self.hard_ids.shape[0]
+
+        def key(primary: npt.ArrayLike, secondary: npt.ArrayLike) -> npt.NDArray[np.int64]:
+            p = np.asarray(primary, dtype=np.int64)
+            s = np.asarray(secondary, dtype=np.int64)
+            keys: npt.NDArray[np.int64] = np.where(s < 0, -1, (p << 32) + s)
+            return keys
+
+        return FineCells(
+            positive=key(self.positive_primary, self.positive_secondary),
+            simple=key(self.simple_clusters[:, :, None], self.simple_secondary),
+            hard=key(self.positive_primary.reshape(batch, 1), self.hard_secondary),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class FineCells:
+    """Fine-cell keys of a response's items: positive (B,), simple (B, m_c, m_o), hard
+    (B, m_h) int64; -1 on padded hard slots (a key no item has)."""
+
+    positive: npt.NDArray[np.int64]
+    simple: npt.NDArray[np.int64]
+    hard: npt.NDArray[np.int64]
 
 
 def response_to_bytes(
@@ -268,7 +316,7 @@ def response_to_bytes(
     return encode_sample_response(
         codebook_version,
         kind_to_proto(sampler),
-        {name: getattr(tensors, name) for name in RESPONSE_TENSOR_NAMES},
+        _present_tensors(tensors),
         None if embeddings is None else _embedding_tensors(embeddings),
         _embedding_scalars(embeddings),
     )
@@ -300,7 +348,7 @@ def response_to_json(
     body: dict[str, Any] = {
         "codebook_version": codebook_version,
         "sampler": kind_to_json(sampler),
-        **{name: to_json(getattr(tensors, name)) for name in RESPONSE_TENSOR_NAMES},
+        **{name: to_json(array) for name, array in _present_tensors(tensors).items()},
         "embeddings": None,
     }
     if embeddings is not None:
@@ -324,10 +372,21 @@ def response_from_json(body: dict[str, Any]) -> SampleResponse:
             codebook_version=str(body["codebook_version"]),
             sampler=kind_from_name(str(body["sampler"])),
             embeddings=embeddings,
-            **{name: from_json(body[name], null=-np.inf) for name in RESPONSE_TENSOR_NAMES},
+            **{
+                name: from_json(body[name], null=-np.inf)
+                for name in RESPONSE_TENSOR_NAMES
+                if name in body or name not in ADDED_RESPONSE_TENSORS
+            },
         )
     except (KeyError, TypeError, ValueError, InvalidInputError) as exc:
         raise EsansError(f"malformed SampleNegatives response: {exc!r}") from exc
+
+
+def _present_tensors(tensors: Any) -> dict[str, npt.ArrayLike]:
+    """The response tensors of ``tensors`` by name; an added one it lacks (a response
+    relayed from an older server) is left out, as that server left it out."""
+    present = {name: getattr(tensors, name, None) for name in RESPONSE_TENSOR_NAMES}
+    return {name: array for name, array in present.items() if array is not None}
 
 
 def _embedding_tensors(embeddings: SampledEmbeddings) -> dict[str, npt.ArrayLike]:

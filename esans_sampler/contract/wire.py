@@ -135,17 +135,20 @@ def encode_sample_response(
         _length_delimited(parts, fields["codebook_version"].number, [version])
     if sampler_kind:
         parts += [_key(fields["sampler"].number, _VARINT), _varint(sampler_kind)]
-    for field in _RESPONSE.fields:  # ascending field numbers, as SerializeToString writes
+    # Ascending field numbers, as SerializeToString writes (tensors come on both sides of
+    # ``embeddings``, field 11).
+    in_order: list[Any] = sorted(_RESPONSE.fields, key=lambda f: f.number)
+    for field in in_order:
         if field.name in tensors:
             _length_delimited(parts, field.number, _tensor_body(tensors[field.name]))
-    if embeddings is not None:
-        body: Parts = []
-        for field in _EMBEDDINGS.fields:
-            if field.name in embeddings:
-                _length_delimited(body, field.number, _tensor_body(embeddings[field.name]))
-            elif field.number in _EMBEDDING_SCALARS:
-                _double(body, field.number, (scalars or {}).get(field.name, 0.0))
-        _length_delimited(parts, fields["embeddings"].number, body)
+        elif field.name == "embeddings" and embeddings is not None:
+            body: Parts = []
+            for inner in _EMBEDDINGS.fields:
+                if inner.name in embeddings:
+                    _length_delimited(body, inner.number, _tensor_body(embeddings[inner.name]))
+                elif inner.number in _EMBEDDING_SCALARS:
+                    _double(body, inner.number, (scalars or {}).get(inner.name, 0.0))
+            _length_delimited(parts, field.number, body)
     return b"".join(parts)
 
 

@@ -92,7 +92,7 @@ class Embeddings(_message.Message):
     def __init__(self, positive: _Optional[_Union[Tensor, _Mapping]] = ..., simple: _Optional[_Union[Tensor, _Mapping]] = ..., hard: _Optional[_Union[Tensor, _Mapping]] = ..., virtual_simple: _Optional[_Union[Tensor, _Mapping]] = ..., simple_weights: _Optional[_Union[Tensor, _Mapping]] = ..., virtual_hard: _Optional[_Union[Tensor, _Mapping]] = ..., eta: _Optional[float] = ..., hard_lambda: _Optional[float] = ...) -> None: ...
 
 class SampleNegativesResponse(_message.Message):
-    __slots__ = ("codebook_version", "sampler", "positive_primary", "positive_secondary", "simple_ids", "simple_clusters", "simple_log_q", "hard_ids", "hard_counts", "hard_log_q", "embeddings")
+    __slots__ = ("codebook_version", "sampler", "positive_primary", "positive_secondary", "simple_ids", "simple_clusters", "simple_log_q", "hard_ids", "hard_counts", "hard_log_q", "embeddings", "simple_secondary", "hard_secondary")
     CODEBOOK_VERSION_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_PRIMARY_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,8 @@ class SampleNegativesResponse(_message.Message):
     HARD_COUNTS_FIELD_NUMBER: _ClassVar[int]
     HARD_LOG_Q_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    SIMPLE_SECONDARY_FIELD_NUMBER: _ClassVar[int]
+    HARD_SECONDARY_FIELD_NUMBER: _ClassVar[int]
     codebook_version: str
     sampler: SamplerKind
     positive_primary: Tensor
@@ -115,7 +117,9 @@ class SampleNegativesResponse(_message.Message):
     hard_counts: Tensor
     hard_log_q: Tensor
     embeddings: Embeddings
-    def __init__(self, codebook_version: _Optional[str] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., positive_primary: _Optional[_Union[Tensor, _Mapping]] = ..., positive_secondary: _Optional[_Union[Tensor, _Mapping]] = ..., simple_ids: _Optional[_Union[Tensor, _Mapping]] = ..., simple_clusters: _Optional[_Union[Tensor, _Mapping]] = ..., simple_log_q: _Optional[_Union[Tensor, _Mapping]] = ..., hard_ids: _Optional[_Union[Tensor, _Mapping]] = ..., hard_counts: _Optional[_Union[Tensor, _Mapping]] = ..., hard_log_q: _Optional[_Union[Tensor, _Mapping]] = ..., embeddings: _Optional[_Union[Embeddings, _Mapping]] = ...) -> None: ...
+    simple_secondary: Tensor
+    hard_secondary: Tensor
+    def __init__(self, codebook_version: _Optional[str] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., positive_primary: _Optional[_Union[Tensor, _Mapping]] = ..., positive_secondary: _Optional[_Union[Tensor, _Mapping]] = ..., simple_ids: _Optional[_Union[Tensor, _Mapping]] = ..., simple_clusters: _Optional[_Union[Tensor, _Mapping]] = ..., simple_log_q: _Optional[_Union[Tensor, _Mapping]] = ..., hard_ids: _Optional[_Union[Tensor, _Mapping]] = ..., hard_counts: _Optional[_Union[Tensor, _Mapping]] = ..., hard_log_q: _Optional[_Union[Tensor, _Mapping]] = ..., embeddings: _Optional[_Union[Embeddings, _Mapping]] = ..., simple_secondary: _Optional[_Union[Tensor, _Mapping]] = ..., hard_secondary: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GetCodebookInfoRequest(_message.Message):
     __slots__ = ("codebook_version",)
