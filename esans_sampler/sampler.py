@@ -202,6 +202,10 @@ class EsansSampler:
             index.primary.astype(np.int64) * index.num_secondary + index.secondary
         ).astype(np.int32 if index.num_primary * index.num_secondary < 2**31 else np.int64)
         self._records, self._record_field, self._id_base = _position_records(index)
+        # The secondary code of every CSR position, in the narrowest type (1 MB for 1M items
+        # at K_s <= 256): read by position, it costs a fraction of a gather by catalogue row.
+        code_type = np.uint8 if index.num_secondary <= 256 else np.int32
+        self._secondary_at = index.secondary.take(index.ordered_rows).astype(code_type)
         self._cluster_size = sizes.astype(np.float64)
         self._cluster_offsets = np.ascontiguousarray(index.cluster_offsets[:-1])
         self._log_cluster_size = np.log(np.maximum(sizes, 1)).astype(np.float64)
@@ -297,8 +301,9 @@ class EsansSampler:
         hard_rows, hard_ids = self._rows_and_ids(
             records[items:].reshape(m_h, batch, 2).transpose(1, 0, 2)
         )
-        secondary_of_row = self.index.secondary
-        hard_secondary = secondary_of_row.take(hard_rows).astype(np.int32, copy=False)
+        codes = self._secondary_at.take(position)
+        simple_secondary = codes[:items].reshape(m_o, batch, m_c).transpose(1, 2, 0)
+        hard_secondary = codes[items:].reshape(m_h, batch).T.astype(np.int32)
         if filled is not None:  # some rows hold fewer than m_h: pad them
             padding = ~filled.T
             hard_rows[padding] = -1
@@ -318,7 +323,7 @@ class EsansSampler:
             hard_rows=hard_rows,
             hard_counts=hard_counts,
             hard_log_q=hard_log_q,
-            simple_secondary=secondary_of_row.take(simple_rows).astype(np.int32, copy=False),
+            simple_secondary=simple_secondary.astype(np.int32),
             hard_secondary=hard_secondary,
             sampler=self.name,
         )
