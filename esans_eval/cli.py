@@ -95,6 +95,14 @@ def parser(prog: str = "python -m esans_eval") -> argparse.ArgumentParser:
         "unless told to)",
     )
     p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        help="train trials and runs in N worker processes at once, with the same results "
+        "(default 1); each worker takes one core, its own copy of the prepared data and its "
+        "own local service",
+    )
+    p.add_argument(
         "--progress",
         default=None,
         help="finished trials and runs, one JSON line each; a rerun with the same budget "
@@ -103,6 +111,16 @@ def parser(prog: str = "python -m esans_eval") -> argparse.ArgumentParser:
         "'none' keeps nothing)",
     )
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _beside(report: str) -> str:
@@ -164,6 +182,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m esans_eval") 
             budget,
             args.cache_dir,
             progress_path=None if progress == "none" else progress,
+            jobs=args.jobs,
         )
     except (DatasetError, RuntimeError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -44,11 +44,15 @@ class Prepared:
     features_digest: str  # of the modalities and popularity: keys cached codebooks
 
 
-def prepare(dataset: Dataset, budget: Budget, cache_dir: str | Path) -> Prepared:
+def prepare(
+    dataset: Dataset, budget: Budget, cache_dir: str | Path, show_progress: bool = True
+) -> Prepared:
     if budget.max_users is not None:
         dataset = dataset.subset_users(budget.max_users)
     split = dataset_split(dataset)
-    modalities = all_features(dataset, split, cache_dir, budget.text_encoder, show_progress=True)
+    modalities = all_features(
+        dataset, split, cache_dir, budget.text_encoder, show_progress=show_progress
+    )
     pad = dataset.num_items
     users, hist, targets = training_examples(split, budget.history, pad)
     popularity = split.train_counts()

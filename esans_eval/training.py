@@ -135,6 +135,7 @@ def train_run(
     epochs: int | None = None,
     evaluate_test: bool = True,
     position: int = 1,
+    show_progress: bool = True,
 ) -> RunResult:
     """Train one model with ``method``'s negatives; stop early on validation Recall@50;
     evaluate the best epoch's weights on test."""
@@ -190,6 +191,7 @@ def train_run(
                 leave=False,
                 position=position,
                 mininterval=2.0,
+                disable=not show_progress,
             )
             for b in bar:
                 responses = pending.result()

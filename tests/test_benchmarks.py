@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,11 @@ TINY = {
     "bench_exclusions.py": ["--items", "20000", "--repeats", "5"],
     "bench_delta.py": ["--items", "5000"],
     "bench_loss.py": ["--negatives", "300", "--repeat", "2"],
-}
+    "bench_eval_jobs.py": [
+        "--dataset", "ml-100k", "--max-users", "60", "--max-steps", "2", "--text-encoder", "hash",
+        "--cache-dir", str(Path(tempfile.gettempdir()) / "esans-bench-eval-jobs"),
+    ],
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("script", sorted(TINY))

@@ -193,6 +193,32 @@ def test_pipeline_end_to_end_on_a_tiny_subset(
     assert "| trial | PNS | alpha 0.25 |" in status and "| run | UNS | 1 |" in status
 
 
+def test_worker_processes_train_the_same_runs(tmp_path: Path) -> None:
+    """--jobs 2 trains trials and runs in two worker processes (each with its own service):
+    every trial and run gives the numbers of the sequential evaluation, in the same order."""
+    common = [
+        "--dataset", "ml-100k", "--max-users", "60", "--epochs", "2", "--seeds", "2",
+        "--max-steps", "2", "--text-encoder", "hash", "--cache-dir", str(tmp_path),
+    ]  # fmt: skip
+    results = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs-{jobs}.md"
+        assert main([*common, "--jobs", jobs, "--out", str(out), "--progress", "none"]) == 0
+        results.append(json.loads(out.with_suffix(".json").read_text()))
+    sequential, parallel = results
+    assert parallel["chosen"] == sequential["chosen"]
+    assert [t["valid"] for t in parallel["tuning"]] == [t["valid"] for t in sequential["tuning"]]
+    key = [(r["method"], r["seed"]) for r in sequential["runs"]]
+    assert [(r["method"], r["seed"]) for r in parallel["runs"]] == key
+    for mine, theirs in zip(parallel["runs"], sequential["runs"], strict=True):
+        for field in ("best_epoch", "test", "test_cold"):
+            assert mine[field] == theirs[field], (mine["method"], field)
+        # every epoch's numbers, its wall time aside
+        assert [{**e, "seconds": 0} for e in mine["epochs"]] == [
+            {**e, "seconds": 0} for e in theirs["epochs"]
+        ], mine["method"]
+
+
 def test_quick_mode_runs_and_metrics_are_sane(tmp_path: Path) -> None:
     """The CI smoke run as users call it: ML-100K, MiniLM text features, every method tuned
     and trained over gRPC. Asserts sanity, not a winner."""
