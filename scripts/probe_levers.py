@@ -11,6 +11,8 @@ the noise of a curve (epoch to epoch) and of a seed can be read next to each lev
     .venv/bin/python scripts/probe_levers.py --dataset completejourney --seeds 0 1
         --levers "as chosen" "no EDIS" --learning-rate 0.001   (one command)
     .venv/bin/python scripts/probe_levers.py --dataset completejourney --summary
+    .venv/bin/python scripts/probe_levers.py --dataset completejourney --seeds 0 1 --levers
+        --baselines UNS "ESANS (paper)" --learning-rate 0.001   (methods as chosen, no lever)
 
 ``--learning-rate`` trains every candidate with another learning rate (recorded per run).
 ``--trial`` starts from another of the default's validation trials than the chosen one (its
@@ -70,6 +72,10 @@ from its primary cluster less its fine cell, with probability proportional to (t
 + 1) ** alpha, instead of uniformly. In-batch negatives are popular items, and the items that
 compete for a top-50 are popular too; uniform same-cluster negatives are mostly rare items."""
 LEVERS.update({label: {} for label in POPULAR_HARD})
+
+REFERENCES = ("in-batch + log-q", "UNS", "debiased MNS", "ESANS (paper)")
+"""Methods ``--baselines`` can train as the evaluation chose them (those that sample from
+the full codebook this probe publishes)."""
 
 
 class PopularHardNegatives:
@@ -151,6 +157,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--levers", nargs="*", default=list(LEVERS), choices=list(LEVERS))
     parser.add_argument(
+        "--baselines",
+        nargs="*",
+        default=["in-batch + log-q"],
+        choices=list(REFERENCES),
+        help="methods trained as the evaluation chose them, beside the levers",
+    )
+    parser.add_argument(
         "--learning-rate",
         type=float,
         default=None,
@@ -189,12 +202,13 @@ def main() -> None:
     trial = args.trial or report["chosen"][default.name]
     chosen_default = replace(default, **dict(DEFAULT_LEVERS)[trial])
     suffix = "" if trial == report["chosen"][default.name] else f" ({trial})"
-    baseline = by_name["in-batch + log-q"]
-    baseline = replace(baseline, **dict(TUNING[baseline.name])[report["chosen"][baseline.name]])
-    # (label of the runs, lever, method); the baseline is no lever
-    candidates: list[tuple[str, str | None, Method]] = [
-        ("in-batch + log-q (as chosen)", None, baseline)
-    ]
+    # (label of the runs, lever, method); a reference method is no lever
+    candidates: list[tuple[str, str | None, Method]] = []
+    for name in args.baselines:
+        method = by_name[name]
+        if name in TUNING:
+            method = replace(method, **dict(TUNING[name])[report["chosen"][name]])
+        candidates.append((f"{name} (as chosen)", None, method))
     candidates += [
         (
             label + suffix,

@@ -32,13 +32,13 @@ HEAD
 echo "## Complete Journey (68,492 products, first purchases in the last 4 weeks)"
 echo
 echo "Ranking by training popularity, no model: validation R@50 0.0453 / R@200 0.1006, test R@50 0.0438 / R@200 0.0954."
-echo "The learning rate (3e-3) was chosen on validation over 1e-3 for UNS, ESANS and in-batch alike, on the first two epochs: \`docs/results-completejourney-lr.jsonl\`. Trained to convergence, in-batch + log-q does better at 1e-3 (probe below)."
+echo "The learning rate (3e-3) was chosen on validation over 1e-3 for UNS, ESANS and in-batch alike, on the first two epochs: \`docs/results-completejourney-lr.jsonl\`. Trained to convergence (probe below), in-batch + log-q and the product default do better at 1e-3, UNS does better at 3e-3 and the paper's ESANS ties: no one rate suits every method."
 echo
 $E --status --out docs/results-completejourney.md
 echo
 echo "### Probe: one lever at a time on the product default (validation only)"
 echo
-echo "\`scripts/probe_levers.py --dataset completejourney\`: the product default's chosen trial with one change each, and in-batch + log-q as chosen, trained with early stopping on the evaluation's budget; the test split is never read. Runs: \`docs/probe-levers-completejourney.jsonl\`."
+echo "\`scripts/probe_levers.py --dataset completejourney\`: the product default's chosen trial with one change each, and in-batch + log-q (and, at both learning rates, UNS and the paper's ESANS) as chosen, trained with early stopping on the evaluation's budget; the test split is never read. Runs: \`docs/probe-levers-completejourney.jsonl\`."
 echo
 .venv/bin/python scripts/probe_levers.py --dataset completejourney --summary
 echo
