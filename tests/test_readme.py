@@ -86,24 +86,25 @@ def test_readme_curl_and_grpc_calls_agree(server: tuple[int, int]) -> None:
     assert min(body["hard_ids"]["data"]) >= 1_000_000
 
 
-def test_readme_training_example_runs(server: tuple[int, int]) -> None:
-    grpc_port, http_port = server
-    example = next(b for b in _blocks("python") if "esans_loss" in b)
+def _run_example(marker: str, server: tuple[int, int]) -> str:
+    """Stdout of the README's first Python block that contains ``marker``, run against the
+    test server."""
+    example = next(b for b in _blocks("python") if marker in b)
     result = subprocess.run(
-        [sys.executable, "-c", _localise(example, grpc_port, http_port)],
+        [sys.executable, "-c", _localise(example, *server)],
         check=True, capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
-    losses = [float(x) for x in re.findall(r"loss (\S+)", result.stdout)]
+    return result.stdout
+
+
+def test_readme_training_example_runs(server: tuple[int, int]) -> None:
+    stdout = _run_example("from esans_sampler.trainer import esans_loss", server)
+    losses = [float(x) for x in re.findall(r"loss (\S+)", stdout)]
     assert len(losses) == 3 and all(loss > 0 for loss in losses)
 
 
 def test_readme_shared_negatives_example_runs(server: tuple[int, int]) -> None:
-    grpc_port, http_port = server
-    example = next(b for b in _blocks("python") if "batch_softmax_loss" in b)
-    result = subprocess.run(
-        [sys.executable, "-c", _localise(example, grpc_port, http_port)],
-        check=True, capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
-    pairs = re.findall(r"paper loss (\S+), default loss (\S+)", result.stdout)
+    stdout = _run_example("batch_softmax_loss", server)
+    pairs = re.findall(r"paper loss (\S+), default loss (\S+)", stdout)
     assert len(pairs) == 3
-    assert all(0 < float(x) < 1e4 for pair in pairs for x in pair), result.stdout
+    assert all(0 < float(x) < 1e4 for pair in pairs for x in pair), stdout
