@@ -19,7 +19,7 @@ Per-positive ESANS (each row sees only its own draws) is :func:`esans_sampler.tr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -45,11 +45,11 @@ class _Columns:
     """The shared negatives being gathered: embeddings, and per column its item id (-1 for
     virtual ones), fine-cell key, owning row (-1: every row's) and log-q bias."""
 
-    embeddings: list[torch.Tensor]
-    ids: list[IntArray]
-    cells: list[IntArray]
-    owners: list[IntArray]
-    bias: list[npt.NDArray[np.float64]]
+    embeddings: list[torch.Tensor] = field(default_factory=list)
+    ids: list[IntArray] = field(default_factory=list)
+    cells: list[IntArray] = field(default_factory=list)
+    owners: list[IntArray] = field(default_factory=list)
+    bias: list[npt.NDArray[np.float64]] = field(default_factory=list)
 
     def add(
         self,
@@ -110,13 +110,11 @@ def shared_esans_loss(
     """
     ids, cells, batch = _checked(positive_embeddings, positive_ids, response)
     device = positive_embeddings.device
-    columns = _Columns([], [], [], [], [])
+    columns = _Columns()
     simple_ids = np.asarray(response.simple_ids, dtype=np.int64)
     simple = embed_items(torch.from_numpy(simple_ids.copy()).to(device))  # (B, m_c, m_o, d)
     columns.add(simple.reshape(-1, simple.shape[-1]), simple_ids.ravel(), cells.simple.ravel())
-    hard, owners = _hard_columns(response, embed_items, device)
-    valid = response.hard_valid
-    columns.add(hard, response.hard_ids[valid], cells.hard[valid], owners)
+    hard, owners = _add_hard(columns, response, cells, embed_items, device)
     if use_edis:
         virtual, _ = simple_interpolation(simple, eta)  # eq. 11-12: (B, m_c, T, d)
         per_row = virtual.shape[1] * virtual.shape[2]
@@ -168,10 +166,8 @@ def batch_softmax_loss(
             f"got shape {log_frequency.shape}"
         )
     device = positive_embeddings.device
-    columns = _Columns([], [], [], [], [])
-    hard, owners = _hard_columns(response, embed_items, device)
-    valid = response.hard_valid
-    columns.add(hard, response.hard_ids[valid], cells.hard[valid], owners)
+    columns = _Columns()
+    hard, owners = _add_hard(columns, response, cells, embed_items, device)
     if use_edis:
         _add_virtual_hard(columns, positive_embeddings, hard, owners, hard_lambda)
     correction = math.log(max(batch, 1)) + log_frequency
@@ -204,13 +200,20 @@ def _checked(
     return ids, response.fine_cells(), batch
 
 
-def _hard_columns(
-    response: SampleResponse, embed_items: ItemEmbedder, device: torch.device
+def _add_hard(
+    columns: _Columns,
+    response: SampleResponse,
+    cells: FineCells,
+    embed_items: ItemEmbedder,
+    device: torch.device,
 ) -> tuple[torch.Tensor, IntArray]:
-    """The embeddings of the real hard negatives (flattened row by row) and their rows."""
+    """Add the real hard negatives (row by row) as columns; their embeddings and rows."""
     valid = response.hard_valid
-    ids = torch.from_numpy(np.asarray(response.hard_ids, dtype=np.int64)[valid]).to(device)
-    return embed_items(ids), np.nonzero(valid)[0].astype(np.int64)
+    ids = np.asarray(response.hard_ids, dtype=np.int64)[valid]
+    hard = embed_items(torch.from_numpy(ids).to(device))
+    owners = np.nonzero(valid)[0].astype(np.int64)
+    columns.add(hard, ids, cells.hard[valid], owners)
+    return hard, owners
 
 
 def _add_virtual_hard(
