@@ -36,6 +36,12 @@ echo "The learning rate (3e-3) was chosen on validation over 1e-3 for UNS, ESANS
 echo
 $E --status --out docs/results-completejourney.md
 echo
+echo "### Reference: ranking by recent purchases, no model"
+echo
+echo "\`scripts/probe_recent_popularity.py\`: all purchase lines of the last W weeks before the window, each household's own items masked; W chosen on validation, test read once."
+echo
+.venv/bin/python scripts/probe_recent_popularity.py
+echo
 echo "### Probe: one lever at a time on the product default (validation only)"
 echo
 echo "\`scripts/probe_levers.py --dataset completejourney\`: the product default's chosen trial with one change each, and in-batch + log-q (and, at both learning rates, UNS and the paper's ESANS) as chosen, trained with early stopping on the evaluation's budget; the test split is never read. Runs: \`docs/probe-levers-completejourney.jsonl\`."

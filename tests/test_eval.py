@@ -309,16 +309,43 @@ def test_progress_reuses_only_runs_trained_on_the_same_features(tmp_path: Path) 
     assert Progress(path, budget, "aaa").get("run:UNS:0") == {"valid": 1}
 
 
-def _probe_levers() -> Any:
+def _script(name: str) -> Any:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "probe_levers", Path(__file__).resolve().parent.parent / "scripts" / "probe_levers.py"
+        name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _probe_levers() -> Any:
+    return _script("probe_levers")
+
+
+def test_recent_popularity_counts_only_the_weeks_before_the_cut() -> None:
+    from types import SimpleNamespace
+
+    from esans_eval.split import EvalSet
+
+    probe = _script("probe_recent_popularity")
+    week = probe.WEEK
+    # item 2 sold often long ago, item 1 twice lately, item 3 only after the cut at week 10
+    purchases = SimpleNamespace(
+        timestamps=np.array([1, 1, 1, 9.5, 9.6, 10.5]) * week,
+        items=np.array([2, 2, 2, 1, 1, 3]),
+        num_items=4,
+    )
+    np.testing.assert_array_equal(probe.purchases_before(purchases, 10 * week, 2), [0, 2, 0, 0])
+    np.testing.assert_array_equal(probe.purchases_before(purchases, 10 * week, None), [0, 2, 3, 0])
+    # 300 items: the user's known item 0 is masked, item 1 (the most bought) ranks first,
+    # item 299 (never bought) ranks last: half of the user's two targets in the top 50
+    counts = np.arange(300, 0, -1, dtype=np.float64)
+    counts[299] = 0.0
+    window = EvalSet(np.array([0]), [np.array([0])], [np.array([1, 299])])
+    assert probe.recall(window, counts) == {50: 0.5, 200: 0.5}
 
 
 def test_probe_redraws_hard_negatives_by_popularity_within_the_cluster() -> None:
