@@ -99,8 +99,8 @@ def parser(prog: str = "python -m esans_eval") -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="train trials and runs in N worker processes at once, with the same results "
-        "(default 1); each worker takes one core, its own copy of the prepared data and its "
-        "own local service",
+        "(default 1); each worker trains on one torch thread with its own copy of the "
+        "prepared data and its own local service",
     )
     p.add_argument(
         "--progress",

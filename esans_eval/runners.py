@@ -4,7 +4,8 @@ worker processes at once.
 A run is deterministic given its (method, seed), the prepared data and the codebooks, so it
 gives the same numbers wherever it trains. Each worker prepares the data itself (from the
 cache), starts its own local service and publishes the same codebooks (built or read from the
-cache), then trains what it is sent with one torch thread. Workers share nothing but the
+cache), then trains what it is sent with the budget's torch threads (one by default, so N
+workers keep N cores busy, plus their services). Workers share nothing but the
 cache directory, which they only read: the parent has built every codebook before it starts
 them.
 """
@@ -13,8 +14,11 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import signal
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -124,12 +128,29 @@ class WorkerPool:
         try:
             for future in as_completed(futures):
                 yield futures[future], future.result()
-        finally:
-            for future in futures:
-                future.cancel()
+        except BrokenProcessPool as exc:
+            self._stop_now()
+            raise RuntimeError(
+                "a worker process of --jobs died (its own error is printed above it); the "
+                "trials and runs finished so far are in the progress file"
+            ) from exc
+        except BaseException:  # a failed run, Ctrl-C, or the caller giving up on the results
+            self._stop_now()
+            raise
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _stop_now(self) -> None:
+        """Stop the workers at once rather than after the tasks they have already queued
+        (hours on a large catalogue). Each stops its service on SIGTERM."""
+        # The executor offers no public way to end its workers before Python 3.14.
+        processes = list(getattr(self._pool, "_processes", {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(timeout=30)
 
 
 def _train(
@@ -151,6 +172,9 @@ _worker: tuple[Prepared, Sampling, LocalService, Budget] | None = None
 
 def _start_worker(dataset: Dataset, budget: Budget, cache_dir: str, plan: CodebookPlan) -> None:
     global _worker
+    # SIGTERM (the pool stopping, or breaking) exits through atexit, which stops the local
+    # service and its embedded redis-server rather than orphaning it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if budget.threads is not None:
         torch.set_num_threads(budget.threads)
     data = prepare(dataset, budget, cache_dir, show_progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,44 @@ def test_worker_processes_train_the_same_runs(tmp_path: Path) -> None:
         assert [{**e, "seconds": 0} for e in mine["epochs"]] == [
             {**e, "seconds": 0} for e in theirs["epochs"]
         ], mine["method"]
+
+
+def _redis_servers() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"}
+
+
+def test_a_failed_run_stops_the_workers_at_once(tmp_path: Path) -> None:
+    """One task fails: the error reaches the caller, the workers are stopped without
+    training what they had queued, and their services (embedded Redis) go with them."""
+    from esans_eval.budget import Budget
+    from esans_eval.codebooks import build_codebook
+    from esans_eval.methods import ESANS_PAPER, METHODS
+    from esans_eval.negatives import FULL
+    from esans_eval.prepared import prepare
+    from esans_eval.runners import CodebookPlan, Task, WorkerPool
+
+    budget = Budget(
+        epochs=3, seeds=1, batch_size=64, max_steps=2, msac_epochs=2, max_users=60,
+        text_encoder="hash", sweep_kp=(8,), sweep_ks=(2,), patience=100_000,
+    )  # fmt: skip
+    dataset = load_movielens("ml-100k")
+    data = prepare(dataset, budget, tmp_path, show_progress=False)
+    build_codebook(data, FULL, 8, 2, budget, tmp_path)  # the workers read it from the cache
+    before = _redis_servers()
+    pool = WorkerPool(2, dataset, budget, str(tmp_path), CodebookPlan(8, 2, (), ()))
+    uns = next(m for m in METHODS if m.name == "UNS")
+    broken = replace(ESANS_PAPER, codebook="never published")  # fails in the worker
+    # each UNS task trains 5,000 short epochs: a minute or more, were it left to finish
+    tasks = [Task("broken", broken, 0)] + [Task(f"uns {i}", uns, i, 5_000) for i in range(8)]
+    with pytest.raises(KeyError, match="never published"):
+        for _ in pool.run(tasks):
+            pass
+    clock = time.perf_counter()
+    pool.close()
+    assert time.perf_counter() - clock < 20  # the queued tasks were not trained
+    assert _redis_servers() <= before
 
 
 def test_quick_mode_runs_and_metrics_are_sane(tmp_path: Path) -> None:
