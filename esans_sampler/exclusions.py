@@ -58,23 +58,7 @@ class Exclusions:
                 not ending at the number of ids.
             InvalidInputError: an excluded id is not in the catalogue (it names them).
         """
-        flat = np.asarray(ids)
-        bounds = np.asarray(offsets)
-        if flat.ndim != 1 or bounds.ndim != 1:
-            raise InvalidInputError("exclude_ids and exclude_offsets must be flat lists")
-        if bounds.shape[0] != batch + 1:
-            raise InvalidInputError(
-                f"exclude_offsets must hold B + 1 = {batch + 1} entries (row r excludes "
-                f"exclude_ids[offsets[r]:offsets[r + 1]]), got {bounds.shape[0]}"
-            )
-        if (flat.size and flat.dtype.kind not in "iu") or bounds.dtype.kind not in "iu":
-            raise InvalidInputError("exclude_ids and exclude_offsets must be integers")
-        bounds = bounds.astype(np.int64)
-        if bounds[0] != 0 or (np.diff(bounds) < 0).any() or bounds[-1] != flat.shape[0]:
-            raise InvalidInputError(
-                f"exclude_offsets must start at 0, never decrease and end at "
-                f"len(exclude_ids) = {flat.shape[0]}"
-            )
+        flat, bounds = checked_csr(batch, ids, offsets)
         try:
             rows = index.rows_of(flat) if flat.size else np.zeros(0, np.int64)
         except UnknownItemError as exc:
@@ -182,6 +166,33 @@ def allowed_rows(exclusions: Exclusions, b: int, positive_row: int) -> IdArray:
     banned = np.append(exclusions.of_row(b), positive_row)
     allowed: IdArray = np.setdiff1d(np.arange(exclusions.num_items), banned)
     return allowed
+
+
+def checked_csr(
+    batch: int, ids: npt.ArrayLike, offsets: npt.ArrayLike
+) -> tuple[npt.NDArray[Any], IdArray]:
+    """Per-row exclusions in CSR form (row r: ``ids[offsets[r]:offsets[r + 1]]``): the ids as
+    given and the offsets as int64, or :class:`InvalidInputError` for offsets of the wrong
+    length, not starting at 0, decreasing or not ending at the number of ids, and for
+    non-integers."""
+    flat = np.asarray(ids)
+    bounds = np.asarray(offsets)
+    if flat.ndim != 1 or bounds.ndim != 1:
+        raise InvalidInputError("exclude_ids and exclude_offsets must be flat lists")
+    if bounds.shape[0] != batch + 1:
+        raise InvalidInputError(
+            f"exclude_offsets must hold B + 1 = {batch + 1} entries (row r excludes "
+            f"exclude_ids[offsets[r]:offsets[r + 1]]), got {bounds.shape[0]}"
+        )
+    if (flat.size and flat.dtype.kind not in "iu") or bounds.dtype.kind not in "iu":
+        raise InvalidInputError("exclude_ids and exclude_offsets must be integers")
+    bounds = bounds.astype(np.int64)
+    if bounds[0] != 0 or (np.diff(bounds) < 0).any() or bounds[-1] != flat.shape[0]:
+        raise InvalidInputError(
+            f"exclude_offsets must start at 0, never decrease and end at "
+            f"len(exclude_ids) = {flat.shape[0]}"
+        )
+    return flat, bounds
 
 
 def to_csr(per_row: Sequence[npt.ArrayLike]) -> tuple[IdArray, IdArray]:

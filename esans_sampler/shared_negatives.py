@@ -28,7 +28,7 @@ import torch
 from esans_sampler.client import SampleResponse
 from esans_sampler.contract.messages import FineCells
 from esans_sampler.errors import InvalidInputError
-from esans_sampler.exclusions import exclusion_mask
+from esans_sampler.exclusions import checked_csr, exclusion_mask
 from esans_sampler.loss import info_nce_loss
 from esans_sampler.torch_ops import hard_interpolation, simple_interpolation
 from esans_sampler.trainer import ItemEmbedder
@@ -234,16 +234,5 @@ def _csr(
 ) -> tuple[IntArray, IntArray] | None:
     if exclude is None:
         return None
-    ids = np.asarray(exclude[0], dtype=np.int64)
-    offsets = np.asarray(exclude[1], dtype=np.int64)
-    if (
-        offsets.shape != (batch + 1,)
-        or offsets[0] != 0
-        or offsets[-1] != len(ids)
-        or (np.diff(offsets) < 0).any()
-    ):
-        raise InvalidInputError(
-            f"exclude offsets must be {batch + 1} non-decreasing entries from 0 to "
-            f"{len(ids)}, got {offsets.tolist()[:8]}"
-        )
-    return ids, offsets
+    ids, offsets = checked_csr(batch, *exclude)
+    return ids.astype(np.int64), offsets

@@ -178,7 +178,7 @@ def test_bad_inputs_get_clear_errors() -> None:
         batch_softmax_loss(pos, pos, positives, response, embed, np.zeros(3))
     with pytest.raises(InvalidInputError, match="positive_log_frequency"):
         batch_softmax_loss(pos, pos, positives, response, embed, np.full(B, -np.inf))
-    with pytest.raises(InvalidInputError, match="exclude offsets"):
+    with pytest.raises(InvalidInputError, match=r"exclude_offsets must hold B \+ 1 = 13 entries"):
         batch_softmax_loss(pos, pos, positives, response, embed, np.zeros(B), exclude=([1], [0, 1]))
 
 
