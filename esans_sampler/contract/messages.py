@@ -384,8 +384,14 @@ def response_from_json(body: dict[str, Any]) -> SampleResponse:
 
 def _present_tensors(tensors: Any) -> dict[str, npt.ArrayLike]:
     """The response tensors of ``tensors`` by name; an added one it lacks (a response
-    relayed from an older server) is left out, as that server left it out."""
-    present = {name: getattr(tensors, name, None) for name in RESPONSE_TENSOR_NAMES}
+    relayed from an older server) is left out, as that server left it out. Any other is
+    required (AttributeError)."""
+    present = {
+        name: getattr(tensors, name, None)
+        if name in ADDED_RESPONSE_TENSORS
+        else getattr(tensors, name)
+        for name in RESPONSE_TENSOR_NAMES
+    }
     return {name: array for name, array in present.items() if array is not None}
 
 
