@@ -88,6 +88,7 @@ class PopularHardNegatives:
     ) -> None:  # fmt: skip
         self._client = client
         self._fine = fine
+        self._num_secondary = num_secondary
         primary = fine // num_secondary
         self._weight = (counts + 1.0) ** alpha
         self._order = np.argsort(primary, kind="stable")
@@ -117,7 +118,11 @@ class PopularHardNegatives:
         log_q = np.where(
             hard >= 0, np.log(self._weight[np.maximum(hard, 0)] / width), -np.inf
         ).astype(np.float32)
-        return replace(response, hard_ids=hard, hard_counts=counts, hard_log_q=log_q)
+        secondary = np.where(hard >= 0, self._fine[np.maximum(hard, 0)] % self._num_secondary, -1)
+        return replace(
+            response, hard_ids=hard, hard_counts=counts, hard_log_q=log_q,
+            hard_secondary=secondary.astype(np.int32),
+        )  # fmt: skip
 
 
 def summary(path: Path, learning_rate: float) -> str:
