@@ -26,18 +26,60 @@ import numpy.typing as npt
 import torch
 
 from esans_sampler.client import SampleResponse
-from esans_sampler.contract.messages import FineCells
-from esans_sampler.errors import InvalidInputError
+from esans_sampler.errors import EsansError, InvalidInputError
 from esans_sampler.exclusions import checked_csr, exclusion_mask
+from esans_sampler.kinds import ESANS
 from esans_sampler.loss import info_nce_loss
 from esans_sampler.torch_ops import hard_interpolation, simple_interpolation
 from esans_sampler.trainer import ItemEmbedder
 
-__all__ = ["batch_softmax_loss", "shared_esans_loss"]
+__all__ = ["FineCells", "batch_softmax_loss", "fine_cells", "shared_esans_loss"]
 
 IntArray = npt.NDArray[np.int64]
 _NOT_DRAWN = -1  # fine-cell key of a column that was not drawn by ESANS (never masked by cell)
 _EVERYONE = -1  # owner of a column every row sees
+
+
+@dataclass(frozen=True, eq=False)
+class FineCells:
+    """Fine-cell keys of a response's items: positive (B,), simple (B, m_c, m_o), hard
+    (B, m_h) int64; -1 on padded hard slots (a key no item has)."""
+
+    positive: npt.NDArray[np.int64]
+    simple: npt.NDArray[np.int64]
+    hard: npt.NDArray[np.int64]
+
+
+def fine_cells(response: SampleResponse) -> FineCells:
+    """The fine cells of a response's positives and negatives, as one int64 key per item
+    (primary * 2**32 + secondary; equal keys = same cell).
+
+    Raises :class:`EsansError` when the server sent no secondary codes (a server older than
+    ``simple_secondary`` / ``hard_secondary``) and :class:`InvalidInputError` for a baseline's
+    response, whose draws have no cells.
+    """
+    if response.simple_secondary is None or response.hard_secondary is None:
+        raise EsansError(
+            "this response carries no secondary codes of its negatives: the server predates "
+            "simple_secondary / hard_secondary; upgrade it to mask fine cells in the trainer"
+        )
+    if response.sampler != ESANS:
+        raise InvalidInputError(
+            f"only ESANS draws have fine cells; this response is from {response.sampler!r}"
+        )
+
+    def key(primary: npt.ArrayLike, secondary: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        p = np.asarray(primary, dtype=np.int64)
+        s = np.asarray(secondary, dtype=np.int64)
+        keys: npt.NDArray[np.int64] = np.where(s < 0, -1, (p << 32) + s)
+        return keys
+
+    batch = response.hard_ids.shape[0]
+    return FineCells(
+        positive=key(response.positive_primary, response.positive_secondary),
+        simple=key(response.simple_clusters[:, :, None], response.simple_secondary),
+        hard=key(response.positive_primary.reshape(batch, 1), response.hard_secondary),
+    )
 
 
 @dataclass
@@ -197,7 +239,7 @@ def _checked(
             f"positive_ids {ids.shape} and positive_embeddings "
             f"{tuple(positive_embeddings.shape)} must have the response's {batch} rows"
         )
-    return ids, response.fine_cells(), batch
+    return ids, fine_cells(response), batch
 
 
 def _add_hard(

@@ -22,7 +22,7 @@ from esans_sampler.contract.messages import response_from_bytes, response_to_byt
 from esans_sampler.errors import EsansError, InvalidInputError
 from esans_sampler.exclusions import to_csr
 from esans_sampler.sampler import EsansSampler
-from esans_sampler.shared_negatives import batch_softmax_loss, shared_esans_loss
+from esans_sampler.shared_negatives import batch_softmax_loss, fine_cells, shared_esans_loss
 from esans_service.app import ServiceRuntime
 from esans_service.embedded_redis import EmbeddedRedis
 from esans_service.harness import local_settings
@@ -148,7 +148,7 @@ def test_masks_follow_the_fine_cells_on_the_wire() -> None:
             use_edis=False,
         ).item()  # fmt: skip
 
-    cells = response.fine_cells()
+    cells = fine_cells(response)
     assert not (cells.simple == cells.positive[:, None, None]).any()  # other clusters only
     clusters, secondary = response.simple_clusters.copy(), response.simple_secondary.copy()
     clusters[0, 0] = response.positive_primary[3]
@@ -214,7 +214,7 @@ def test_both_transports_carry_the_negatives_fine_cells(
             reply.hard_secondary[valid], index.secondary[index.rows_of(reply.hard_ids[valid])]
         )
         assert (reply.hard_secondary[~valid] == -1).all()
-        cells = reply.fine_cells()
+        cells = fine_cells(reply)
         # hard negatives: the positive's cluster, never its fine cell
         assert (
             cells.hard[valid] != np.broadcast_to(cells.positive[:, None], valid.shape)[valid]

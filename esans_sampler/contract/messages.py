@@ -239,7 +239,7 @@ class SampleResponse:
     hard_ids (B, m_h) int64 (-1 past hard_counts), hard_counts (B,) int32, hard_log_q
     float32 (-inf past hard_counts); positive_primary / positive_secondary (B,) int32;
     simple_secondary (B, m_c, m_o) / hard_secondary (B, m_h) int32, -1 for baselines and past
-    hard_counts, None from a server older than these fields (see :meth:`fine_cells`).
+    hard_counts, None from a server older than these fields.
     """
 
     codebook_version: str
@@ -262,47 +262,6 @@ class SampleResponse:
         m_h = self.hard_ids.shape[1]
         mask: npt.NDArray[np.bool_] = np.arange(m_h)[None, :] < self.hard_counts[:, None]
         return mask
-
-    def fine_cells(self) -> FineCells:
-        """The fine cells of the positives and negatives, as one int64 key per item
-        (primary * 2**32 + secondary; equal keys = same cell), for masking shared negatives.
-
-        Raises :class:`EsansError` when the server sent no secondary codes (a server older
-        than ``simple_secondary`` / ``hard_secondary``) and :class:`InvalidInputError` for a
-        baseline's response, whose draws have no cells.
-        """
-        if self.simple_secondary is None or self.hard_secondary is None:
-            raise EsansError(
-                "this response carries no secondary codes of its negatives: the server predates "
-                "simple_secondary / hard_secondary; upgrade it to mask fine cells in the trainer"
-            )
-        if self.sampler != ESANS:
-            raise InvalidInputError(
-                f"only ESANS draws have fine cells; this response is from {self.sampler!r}"
-            )
-        batch = self.hard_ids.shape[0]
-
-        def key(primary: npt.ArrayLike, secondary: npt.ArrayLike) -> npt.NDArray[np.int64]:
-            p = np.asarray(primary, dtype=np.int64)
-            s = np.asarray(secondary, dtype=np.int64)
-            keys: npt.NDArray[np.int64] = np.where(s < 0, -1, (p << 32) + s)
-            return keys
-
-        return FineCells(
-            positive=key(self.positive_primary, self.positive_secondary),
-            simple=key(self.simple_clusters[:, :, None], self.simple_secondary),
-            hard=key(self.positive_primary.reshape(batch, 1), self.hard_secondary),
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class FineCells:
-    """Fine-cell keys of a response's items: positive (B,), simple (B, m_c, m_o), hard
-    (B, m_h) int64; -1 on padded hard slots (a key no item has)."""
-
-    positive: npt.NDArray[np.int64]
-    simple: npt.NDArray[np.int64]
-    hard: npt.NDArray[np.int64]
 
 
 def response_to_bytes(
