@@ -18,7 +18,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from tqdm.auto import tqdm
 
@@ -43,8 +42,6 @@ from esans_eval.runners import (
 )
 from esans_eval.training import COLD_MAX_COUNT, Sampling, evaluate, train_run
 from esans_sampler.client import SamplerClient
-
-IntArray = npt.NDArray[np.int64]
 
 
 def _config_key(method: Method) -> str:

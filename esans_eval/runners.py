@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-import numpy.typing as npt
 import torch
 
 from esans_eval.budget import Budget
@@ -36,8 +34,6 @@ from esans_eval.results import RunResult
 from esans_eval.training import Sampling, train_run
 from esans_sampler.artifact import CodebookArtifact
 from esans_service.harness import LocalService
-
-IntArray = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
