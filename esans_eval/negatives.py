@@ -8,8 +8,9 @@ A step gathers a pool of negative columns and scores every row of the batch agai
 * in-batch: the batch's positives, as a trainer's batch softmax uses them.
 
 Protocols. ``shared`` (the paper's, appendix C): every row sees the whole pool. Per
-positive: row b sees only what was drawn for it (and the in-batch columns). One
-implementation: per positive is the shared pool with other rows' columns masked.
+positive: row b sees only what was drawn for it (and the in-batch columns). One pool for
+both: per positive, each row gathers its own columns of it (padded, the padding masked),
+which gives what masking every other row's columns would, at B x n rather than B x B n.
 
 Masks (logit -inf) for row b: any column holding b's positive (accidental hit); for ESANS,
 real negatives in b's fine cell (spec §5); with ``mask_history``, items b's user has in
@@ -144,13 +145,27 @@ class StepStats:
 
 
 def _user_item_hits(users: IntArray, columns: IntArray, ctx: Context) -> npt.NDArray[np.bool_]:
-    """(B, C) bool: row b's user has column c's id in training (the service's exclusions of
-    the row, applied to the batch-shared columns)."""
+    """(B, C) bool: row b's user has the id ``columns[0, c]`` (shared columns, (1, C)) or
+    ``columns[b, c]`` (each row's own, (B, C)) in training: the service's exclusions of the
+    row, applied to the columns it scores. Virtual columns (id -1) never hit."""
     starts, ends = ctx.train_ptr[users], ctx.train_ptr[users + 1]
     parts = [ctx.train_items[s:e] for s, e in zip(starts, ends, strict=True)]
-    flat = np.concatenate([np.zeros(0, dtype=np.int64), *parts])
+    flat = np.concatenate([np.zeros(0, dtype=np.int64), *parts]).astype(np.int64)
     offsets = np.concatenate(([0], np.cumsum(ends - starts))).astype(np.int64)
-    return exclusion_mask(flat.astype(np.int64), offsets, columns)
+    if columns.shape[0] == 1:
+        return exclusion_mask(flat, offsets, columns[0])
+    # Row b's items sorted, rows in order: one sorted key per (row, item) to look up.
+    stride = ctx.num_items + 1
+    rows = np.repeat(np.arange(len(users), dtype=np.int64), ends - starts)
+    keys = rows * stride + flat
+    wanted = np.arange(len(users), dtype=np.int64)[:, None] * stride + columns
+    at = np.searchsorted(keys, wanted).clip(max=max(len(keys) - 1, 0))
+    hits: npt.NDArray[np.bool_] = (
+        (keys[at] == wanted) & (columns >= 0)
+        if len(keys)
+        else (np.zeros(columns.shape, dtype=bool))
+    )
+    return hits
 
 
 def step_loss(
@@ -228,19 +243,27 @@ def step_loss(
     real = col_ids >= 0
     real_ids = col_ids[real]
 
-    # Masks of the real columns; virtual ones are only masked per positive.
-    real_mask = positives[:, None] == real_ids[None, :]
+    # The columns each row scores. Shared: all of them; masks are worked out on the real
+    # ones (virtual columns are never masked). Per positive: its own and everyone's (``grid``
+    # (B, n), padded), so a step costs B x n rather than B x (every row's draws).
+    if method.shared:
+        grid = pad = None
+        ids_seen, sampled_seen = real_ids[None, :], col_sampled[real][None, :]
+    else:
+        grid, pad = _own_columns(col_owner, batch)
+        ids_seen, sampled_seen = col_ids[grid], col_sampled[grid]
+    seen_mask = positives[:, None] == ids_seen  # a virtual column's -1 is never a positive
     if method.esans and ctx.fine is not None:
-        sampled_real = col_sampled[real]
-        fine_cols = np.where(sampled_real, ctx.fine[real_ids], -1)
-        real_mask |= ctx.fine[positives][:, None] == fine_cols[None, :]
-    user_hit = _user_item_hits(users, real_ids, ctx)
+        fine_seen = np.where(sampled_seen & (ids_seen >= 0), ctx.fine[ids_seen], -1)
+        seen_mask |= ctx.fine[positives][:, None] == fine_seen
+    user_hit = _user_item_hits(users, ids_seen, ctx)
     if method.mask_history:
-        real_mask |= user_hit
-    mask = np.zeros((batch, len(col_ids)), dtype=bool)
-    mask[:, real] = real_mask
-    if not method.shared:
-        mask |= (col_owner[None, :] >= 0) & (col_owner[None, :] != np.arange(batch)[:, None])
+        seen_mask |= user_hit
+    if pad is None:
+        mask = torch.zeros((batch, len(col_ids)), dtype=torch.bool)
+        mask.index_copy_(1, torch.as_tensor(np.flatnonzero(real)), torch.as_tensor(seen_mask))
+    else:
+        mask = torch.as_tensor(seen_mask | pad)
 
     negative_log_q = positive_log_q = None
     if method.log_q and method.in_batch and method.esans and not method.correct_drawn:
@@ -279,6 +302,10 @@ def step_loss(
         negative_log_q = np.where(col_sampled, col_log_q + math.log(max(draws, 1)), 0.0)
 
     negatives = torch.cat(columns, dim=0)
+    if grid is not None:
+        negatives = negatives[torch.as_tensor(grid)]
+        if negative_log_q is not None:
+            negative_log_q = negative_log_q[grid]
     loss = info_nce_loss(
         user,
         v_pos,
@@ -287,15 +314,34 @@ def step_loss(
         negative_log_q=None
         if negative_log_q is None
         else torch.as_tensor(negative_log_q, dtype=user.dtype),
-        negative_mask=torch.as_tensor(mask),
+        negative_mask=mask,
         positive_log_q=None
         if positive_log_q is None
         else torch.as_tensor(positive_log_q, dtype=user.dtype),
     )
-    seen = ~mask[:, real]
+    seen = ~seen_mask
+    if pad is not None:
+        seen &= (ids_seen >= 0) & ~pad
     stats = StepStats(
-        visible=int(seen.sum()),
-        user_items=int((seen & user_hit).sum()),
+        visible=int(np.count_nonzero(seen)),
+        user_items=int(np.count_nonzero(seen & user_hit)),
         negative_ids=np.unique(real_ids),
     )
     return loss, stats
+
+
+def _own_columns(owner: IntArray, batch: int) -> tuple[IntArray, npt.NDArray[np.bool_]]:
+    """Per positive: (B, n) column indices of each row's own columns (``owner`` == row, in
+    column order, padded) followed by everyone's (``owner`` -1), and (B, n) True on padding."""
+    everyone = np.flatnonzero(owner < 0)
+    owned = np.flatnonzero(owner >= 0)
+    order = owned[np.argsort(owner[owned], kind="stable")]
+    counts = np.bincount(owner[order], minlength=batch)
+    width = int(counts.max(initial=0))
+    slot = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+    grid = np.zeros((batch, width), dtype=np.int64)
+    pad = np.ones((batch, width), dtype=bool)
+    grid[owner[order], slot] = order
+    pad[owner[order], slot] = False
+    shared = np.broadcast_to(everyone, (batch, len(everyone)))
+    return np.hstack([grid, shared]), np.hstack([pad, np.zeros(shared.shape, dtype=bool)])

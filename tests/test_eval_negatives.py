@@ -176,3 +176,39 @@ def test_hard_negatives_ride_along_a_batch_softmax_uncorrected() -> None:
     )  # fmt: skip
     torch.testing.assert_close(got, want)
     assert set(stats.negative_ids.tolist()) == set(hard.tolist()) | set(positives.tolist())  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mask_history", [False, True])
+def test_per_positive_row_sees_its_own_draws_and_the_batch(mask_history: bool) -> None:
+    """Per positive with in-batch columns: row b scores its own draws and every positive of
+    the batch, with its own positive, its fine cell (draws only) and, with ``mask_history``,
+    its user's items masked; other rows' draws never reach it, in the loss or the counts."""
+    table, positives, response, user = _inputs(3)
+    rng = np.random.default_rng(3)
+    fine = rng.integers(0, 4, NUM_ITEMS)
+    train = [rng.choice(34, 5, replace=False).tolist() for _ in range(B)]
+    method = Method(
+        "own + batch", "esans", m_h=M_H, in_batch=True, mask_history=mask_history, shared=False
+    )
+    got, stats = _step(method, _context(fine, train), seed=3)
+    losses, visible, user_items = [], 0, 0
+    for b in range(B):
+        drawn = np.concatenate(
+            [response.simple_ids[b].ravel(), response.hard_ids[b][response.hard_valid[b]]]
+        )
+        columns = np.concatenate([drawn, positives])
+        masked = columns == positives[b]
+        masked[: len(drawn)] |= fine[drawn] == fine[positives[b]]
+        owned = np.isin(columns, train[b])
+        if mask_history:
+            masked |= owned
+        visible += int((~masked).sum())
+        user_items += int((~masked & owned).sum())
+        logits = user[b] @ table[columns[~masked]].T / 0.1
+        positive = user[b] @ table[positives[b]] / 0.1
+        losses.append(torch.logsumexp(torch.cat([positive[None], logits]), 0) - positive)
+    torch.testing.assert_close(got, torch.stack(losses).mean())
+    assert (stats.visible, stats.user_items) == (visible, user_items)  # type: ignore[attr-defined]
+    assert user_items > 0 or mask_history
+    _, with_edis = _step(replace(method, use_edis=True), _context(fine, train), seed=3)
+    assert with_edis.visible == visible  # type: ignore[attr-defined]  # virtual: not counted
