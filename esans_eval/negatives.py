@@ -9,8 +9,8 @@ A step gathers a pool of negative columns and scores every row of the batch agai
 
 Protocols. ``shared`` (the paper's, appendix C): every row sees the whole pool. Per
 positive: row b sees only what was drawn for it (and the in-batch columns). One pool for
-both: per positive, each row gathers its own columns of it (padded, the padding masked),
-which gives what masking every other row's columns would, at B x n rather than B x B n.
+both: per positive, other rows' columns are masked, or (without in-batch columns) each row
+gathers its own columns of the pool, padded, at B x n rather than B x B n.
 
 Masks (logit -inf) for row b: any column holding b's positive (accidental hit); for ESANS,
 real negatives in b's fine cell (spec §5); with ``mask_history``, items b's user has in
@@ -243,12 +243,17 @@ def step_loss(
     real = col_ids >= 0
     real_ids = col_ids[real]
 
-    # The columns each row scores. Shared: all of them; masks are worked out on the real
-    # ones (virtual columns are never masked). Per positive: its own and everyone's (``grid``
-    # (B, n), padded), so a step costs B x n rather than B x (every row's draws).
-    if method.shared:
-        grid = pad = None
+    # The columns each row scores. From the pool (shared, and per positive with in-batch
+    # columns): masks are worked out on the real columns (virtual ones are never masked for
+    # a positive, cell or user item) and, per positive, other rows' draws are masked. Per
+    # positive without in-batch columns, each row gathers its own (``grid`` (B, n), padded),
+    # so a step costs B x n rather than B x (every row's draws); with them, gathering the
+    # batch's B columns for every row would cost more than masking the pool.
+    grid = pad = foreign = None
+    if method.shared or method.in_batch:
         ids_seen, sampled_seen = real_ids[None, :], col_sampled[real][None, :]
+        if not method.shared:
+            foreign = (col_owner >= 0) & (col_owner[None, :] != np.arange(batch)[:, None])
     else:
         grid, pad = _own_columns(col_owner, batch)
         ids_seen, sampled_seen = col_ids[grid], col_sampled[grid]
@@ -259,9 +264,13 @@ def step_loss(
     user_hit = _user_item_hits(users, ids_seen, ctx)
     if method.mask_history:
         seen_mask |= user_hit
+    if foreign is not None:
+        seen_mask |= foreign[:, real]
     if pad is None:
         mask = torch.zeros((batch, len(col_ids)), dtype=torch.bool)
         mask.index_copy_(1, torch.as_tensor(np.flatnonzero(real)), torch.as_tensor(seen_mask))
+        if foreign is not None:
+            mask |= torch.as_tensor(foreign)
     else:
         mask = torch.as_tensor(seen_mask | pad)
 

@@ -179,16 +179,26 @@ def test_hard_negatives_ride_along_a_batch_softmax_uncorrected() -> None:
 
 
 @pytest.mark.parametrize("mask_history", [False, True])
-def test_per_positive_row_sees_its_own_draws_and_the_batch(mask_history: bool) -> None:
-    """Per positive with in-batch columns: row b scores its own draws and every positive of
-    the batch, with its own positive, its fine cell (draws only) and, with ``mask_history``,
-    its user's items masked; other rows' draws never reach it, in the loss or the counts."""
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_per_positive_row_sees_its_own_draws_and_the_batch(
+    mask_history: bool, in_batch: bool
+) -> None:
+    """Per positive: row b scores its own draws (and, with in-batch columns, every positive
+    of the batch), with its own positive, its fine cell (draws only) and, with
+    ``mask_history``, its user's items masked; other rows' draws never reach it, in the loss
+    or the counts. (Without in-batch columns each row gathers its own; with them, the pool
+    is masked.)"""
     table, positives, response, user = _inputs(3)
     rng = np.random.default_rng(3)
     fine = rng.integers(0, 4, NUM_ITEMS)
     train = [rng.choice(34, 5, replace=False).tolist() for _ in range(B)]
     method = Method(
-        "own + batch", "esans", m_h=M_H, in_batch=True, mask_history=mask_history, shared=False
+        "own + batch",
+        "esans",
+        m_h=M_H,
+        in_batch=in_batch,
+        mask_history=mask_history,
+        shared=False,
     )
     got, stats = _step(method, _context(fine, train), seed=3)
     losses, visible, user_items = [], 0, 0
@@ -196,7 +206,7 @@ def test_per_positive_row_sees_its_own_draws_and_the_batch(mask_history: bool) -
         drawn = np.concatenate(
             [response.simple_ids[b].ravel(), response.hard_ids[b][response.hard_valid[b]]]
         )
-        columns = np.concatenate([drawn, positives])
+        columns = np.concatenate([drawn, positives]) if in_batch else drawn
         masked = columns == positives[b]
         masked[: len(drawn)] |= fine[drawn] == fine[positives[b]]
         owned = np.isin(columns, train[b])
@@ -212,3 +222,19 @@ def test_per_positive_row_sees_its_own_draws_and_the_batch(mask_history: bool) -
     assert user_items > 0 or mask_history
     _, with_edis = _step(replace(method, use_edis=True), _context(fine, train), seed=3)
     assert with_edis.visible == visible  # type: ignore[attr-defined]  # virtual: not counted
+
+
+def test_per_positive_with_the_batch_keeps_other_rows_virtual_negatives_out() -> None:
+    """Per positive with in-batch columns and EDIS: row b's pool is its own draws, their EDIS
+    twins (esans_negatives' row b) and the batch's positives (its own masked)."""
+    table, positives, response, user = _inputs(5)
+    method = Method("own + batch", "esans", m_h=M_H, use_edis=True, in_batch=True, shared=False)
+    got, _ = _step(method, _context(np.arange(NUM_ITEMS), [[]] * B), seed=5)
+    own = esans_negatives(response, table[positives], lambda ids: table[ids], 0.6, 0.1)
+    losses = []
+    for b in range(B):
+        columns = torch.cat([own.embeddings[b][~own.mask[b]], table[np.delete(positives, b)]])
+        logits = user[b] @ columns.T / 0.1
+        positive = user[b] @ table[positives[b]] / 0.1
+        losses.append(torch.logsumexp(torch.cat([positive[None], logits]), 0) - positive)
+    torch.testing.assert_close(got, torch.stack(losses).mean())
