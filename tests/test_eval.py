@@ -220,13 +220,26 @@ def test_worker_processes_train_the_same_runs(tmp_path: Path) -> None:
         ], mine["method"]
 
 
-def _redis_servers() -> set[int]:
+def _redis_servers(under: Path) -> set[int]:
+    """The redis-servers running in a directory below ``under``: an embedded Redis runs in
+    its data directory, under the temporary directory of the process that started it."""
     import psutil
 
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"}
+    found = set()
+    for process in psutil.process_iter(["name"]):
+        if process.info["name"] != "redis-server":
+            continue
+        try:
+            if Path(process.cwd()).is_relative_to(under):
+                found.add(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
 
 
-def test_a_failed_run_stops_the_workers_at_once(tmp_path: Path) -> None:
+def test_a_failed_run_stops_the_workers_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One task fails: the error reaches the caller, the workers are stopped without
     training what they had queued, and their services (embedded Redis) go with them."""
     from esans_eval.budget import Budget
@@ -243,9 +256,13 @@ def test_a_failed_run_stops_the_workers_at_once(tmp_path: Path) -> None:
     dataset = load_movielens("ml-100k")
     data = prepare(dataset, budget, tmp_path, show_progress=False)
     build_codebook(data, FULL, 8, 2, budget, tmp_path)  # the workers read it from the cache
-    before = _redis_servers()
+    workers_tmp = tmp_path / "workers"
+    workers_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(workers_tmp))  # the workers' services keep Redis there
     pool = WorkerPool(2, dataset, budget, str(tmp_path), CodebookPlan(8, 2, (), ()))
     uns = next(m for m in METHODS if m.name == "UNS")
+    assert [task.key for task, _ in pool.run([Task("warm-up", uns, 0, 1)])] == ["warm-up"]
+    assert _redis_servers(workers_tmp)  # a worker's service is up
     broken = replace(ESANS_PAPER, codebook="never published")  # fails in the worker
     # each UNS task trains 5,000 short epochs: a minute or more, were it left to finish
     tasks = [Task("broken", broken, 0)] + [Task(f"uns {i}", uns, i, 5_000) for i in range(8)]
@@ -255,7 +272,7 @@ def test_a_failed_run_stops_the_workers_at_once(tmp_path: Path) -> None:
     clock = time.perf_counter()
     pool.close()
     assert time.perf_counter() - clock < 20  # the queued tasks were not trained
-    assert _redis_servers() <= before
+    assert not _redis_servers(workers_tmp)
 
 
 def test_quick_mode_runs_and_metrics_are_sane(tmp_path: Path) -> None:
