@@ -7,7 +7,6 @@ on stderr naming what to fix), never with a traceback for a problem the user can
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -50,9 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["eval"]:
-        # A training step allocates (batch x pool) matrices of tens of MB; on transparent huge
-        # pages that costs ~10% less time per step. Torch reads this once, before its import.
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         from esans_eval.cli import main as eval_main
 
         return eval_main(arguments[1:], prog="esans eval")
