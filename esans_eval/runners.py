@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -164,20 +165,38 @@ def _train(
 
 
 _worker: tuple[Prepared, Sampling, LocalService, Budget] | None = None
+_service: LocalService | None = None
 
 
 def _start_worker(dataset: Dataset, budget: Budget, cache_dir: str, plan: CodebookPlan) -> None:
-    global _worker
-    # SIGTERM (the pool stopping, or breaking) exits through atexit, which stops the local
-    # service and its embedded redis-server rather than orphaning it.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    global _worker, _service
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if budget.threads is not None:
         torch.set_num_threads(budget.threads)
     data = prepare(dataset, budget, cache_dir, show_progress=False)
     service = local_service(budget).__enter__()
-    atexit.register(service.__exit__, None, None, None)
+    _service = service
+    atexit.register(service.__exit__, None, None, None)  # the pool ending the worker normally
     sampling, _ = publish_codebooks(service, data, plan, budget, cache_dir)
     _worker = (data, sampling, service, budget)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM, the pool stopping or breaking: stop the local service and its embedded
+    redis-server rather than orphan them, then exit.
+
+    Before the service is up, exiting unwinds its start-up. After, the service is stopped
+    here and the process ends with os._exit: a SystemExit raised in a task would be caught by
+    the pool's worker loop (which then waits for more work), and a breaking pool terminates
+    every worker a second time, which must not cut the stopping short (further SIGTERMs are
+    ignored)."""
+    if _service is None:
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        _service.__exit__(None, None, None)
+    finally:
+        os._exit(128 + signum)
 
 
 def _train_in_worker(task: Task) -> RunResult:
