@@ -290,10 +290,12 @@ def step_loss(
         share_batch = batch / (batch + n_drawn)
         in_batch_col = real & ~col_sampled
         batch_correction = np.log(batch) + ctx.log_frequency - math.log(share_batch)
+        # (no draws, e.g. no hard negative found for any row: nothing to correct)
+        drawn_correction = math.log(n_drawn / (1 - share_batch)) if n_drawn else 0.0
         negative_log_q = np.where(
             in_batch_col,
             batch_correction[np.maximum(col_ids, 0)],
-            np.where(col_sampled, col_log_q + math.log(max(n_drawn, 1) / (1 - share_batch)), 0.0),
+            np.where(col_sampled, col_log_q + drawn_correction, 0.0),
         )
         positive_log_q = batch_correction[positives]
     elif method.log_q and method.in_batch:

@@ -166,35 +166,51 @@ def _train(
 
 _worker: tuple[Prepared, Sampling, LocalService, Budget] | None = None
 _service: LocalService | None = None
+_starting_service = False
+_stop_requested = False
 
 
 def _start_worker(dataset: Dataset, budget: Budget, cache_dir: str, plan: CodebookPlan) -> None:
-    global _worker, _service
+    global _worker, _service, _starting_service
     signal.signal(signal.SIGTERM, _on_sigterm)
     if budget.threads is not None:
         torch.set_num_threads(budget.threads)
     data = prepare(dataset, budget, cache_dir, show_progress=False)
-    service = local_service(budget).__enter__()
-    _service = service
-    atexit.register(service.__exit__, None, None, None)  # the pool ending the worker normally
-    sampling, _ = publish_codebooks(service, data, plan, budget, cache_dir)
-    _worker = (data, sampling, service, budget)
+    _starting_service = True  # a SIGTERM now waits until the service is up, then stops it
+    try:
+        _service = local_service(budget).__enter__()
+    finally:
+        _starting_service = False
+    atexit.register(_stop_service)  # the pool ending the worker normally
+    if _stop_requested:
+        _on_sigterm(signal.SIGTERM, None)
+    sampling, _ = publish_codebooks(_service, data, plan, budget, cache_dir)
+    _worker = (data, sampling, _service, budget)
+
+
+def _stop_service() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a SIGTERM must not cut the stopping short
+    if _service is not None:
+        _service.__exit__(None, None, None)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
     """SIGTERM, the pool stopping or breaking: stop the local service and its embedded
     redis-server rather than orphan them, then exit.
 
-    Before the service is up, exiting unwinds its start-up. After, the service is stopped
-    here and the process ends with os._exit: a SystemExit raised in a task would be caught by
-    the pool's worker loop (which then waits for more work), and a breaking pool terminates
-    every worker a second time, which must not cut the stopping short (further SIGTERMs are
-    ignored)."""
+    Before the service is started, exiting is enough; while it starts, the stop waits for it.
+    After, the service is stopped here and the process ends with os._exit: a SystemExit
+    raised in a task would be caught by the pool's worker loop (which then waits for more
+    work), and a breaking pool terminates every worker a second time, which must not cut the
+    stopping short (further SIGTERMs are ignored, here and in the atexit stop)."""
+    global _stop_requested
+    if _starting_service:
+        _stop_requested = True
+        return
     if _service is None:
         sys.exit(128 + signum)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        _service.__exit__(None, None, None)
+        _stop_service()
     finally:
         os._exit(128 + signum)
 

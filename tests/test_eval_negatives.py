@@ -238,3 +238,24 @@ def test_per_positive_with_the_batch_keeps_other_rows_virtual_negatives_out() ->
         positive = user[b] @ table[positives[b]] / 0.1
         losses.append(torch.logsumexp(torch.cat([positive[None], logits]), 0) - positive)
     torch.testing.assert_close(got, torch.stack(losses).mean())
+
+
+def test_no_hard_negative_found_for_any_row_leaves_the_batch_softmax() -> None:
+    """ESANS hard negatives only, with the batch and log q, when the service found none for
+    any row: nothing drawn to correct, the loss is the batch softmax's."""
+    table, positives, response, user = _inputs()
+    empty = replace(
+        response, hard_ids=np.full_like(response.hard_ids, -1),
+        hard_counts=np.zeros_like(response.hard_counts),
+        hard_log_q=np.full_like(response.hard_log_q, -np.inf),
+    )  # fmt: skip
+    method = Method(
+        "hard + batch", "esans", m_h=M_H, in_batch=True, log_q=True, simple_negatives=False
+    )
+    rows = {"positives": torch.as_tensor(positives), "sampled:0": torch.as_tensor(
+        empty.simple_ids.ravel()
+    )}  # fmt: skip
+    ctx = _context(np.arange(NUM_ITEMS) + 100, [[]] * B)
+    got, _ = step_loss(table, rows, user, method, positives, np.arange(B), [empty], ctx)
+    logits = user @ table[positives].T / 0.1  # every column corrected alike: it cancels
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits, torch.arange(B)))
