@@ -37,7 +37,7 @@ import numpy.typing as npt
 import torch
 
 from esans_sampler.client import SampleResponse
-from esans_sampler.exclusions import exclusion_mask
+from esans_sampler.exclusions import Exclusions, exclusion_mask
 from esans_sampler.loss import info_nce_loss
 from esans_sampler.torch_ops import hard_interpolation, simple_interpolation
 
@@ -154,17 +154,12 @@ def _user_item_hits(users: IntArray, columns: IntArray, ctx: Context) -> npt.NDA
     offsets = np.concatenate(([0], np.cumsum(ends - starts))).astype(np.int64)
     if columns.shape[0] == 1:
         return exclusion_mask(flat, offsets, columns[0])
-    # Row b's items sorted, rows in order: one sorted key per (row, item) to look up.
+    # Each row's own columns: the service's per-row lookup, ids standing for catalogue rows.
     stride = ctx.num_items + 1
-    rows = np.repeat(np.arange(len(users), dtype=np.int64), ends - starts)
-    keys = rows * stride + flat
-    wanted = np.arange(len(users), dtype=np.int64)[:, None] * stride + columns
-    at = np.searchsorted(keys, wanted).clip(max=max(len(keys) - 1, 0))
-    hits: npt.NDArray[np.bool_] = (
-        (keys[at] == wanted) & (columns >= 0)
-        if len(keys)
-        else (np.zeros(columns.shape, dtype=bool))
-    )
+    batch_of = np.repeat(np.arange(len(users), dtype=np.int64), ends - starts)
+    exclusions = Exclusions(offsets, flat, batch_of, stride, batch_of * stride + flat)
+    rows = np.broadcast_to(np.arange(len(users), dtype=np.int64)[:, None], columns.shape)
+    hits: npt.NDArray[np.bool_] = exclusions.contains(rows, columns) & (columns >= 0)
     return hits
 
 
