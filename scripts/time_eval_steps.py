@@ -60,7 +60,7 @@ def configurations() -> dict[str, Method]:
     return found
 
 
-def configuration_of(dataset: str, key: str, method: str, chosen: dict[str, str]) -> str:
+def configuration_of(key: str, method: str, chosen: dict[str, str]) -> str:
     """Which configuration a progress line (``key``, ``method``) trained."""
     per_positive = method.endswith(" per positive")
     base = method.removesuffix(" per positive")
@@ -129,7 +129,7 @@ def project(old_path: Path, new_path: Path) -> None:
             if "key" not in entry:
                 continue
             value = entry["value"]
-            name = configuration_of(dataset, entry["key"], value["method"], report["chosen"])
+            name = configuration_of(entry["key"], value["method"], report["chosen"])
             before, after = old[dataset, name], new[dataset, name]
             ratio = after["step_seconds"] / before["step_seconds"]
             validation = before["validation_seconds"]
