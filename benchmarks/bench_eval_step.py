@@ -9,6 +9,9 @@ the CPU's slow path); it now gathers each row's own columns. Shared steps are th
 protocol and are timed as they are. Last, the optimiser step alone: the runs' foreach Adam
 against Adam's per-parameter loop (the same updates, bit for bit).
 
+The process is set up as the evaluation's trainers are (one thread, freed memory reused:
+``esans_eval.trainer_process``; ``bench_eval_allocator.py`` times that setting).
+
     python benchmarks/bench_eval_step.py [--items 68509 --batch 512 --steps 20]
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -24,6 +28,7 @@ import torch
 
 from esans_eval.methods import DEFAULT_LEVERS, ESANS_PAPER
 from esans_eval.negatives import Context, Method
+from esans_eval.trainer_process import setup_trainer
 from esans_eval.training import adam, train_step
 from esans_eval.two_tower import TwoTower
 from esans_sampler.client import SampleResponse
@@ -58,17 +63,16 @@ def _response(rng: np.random.Generator, items: int, batch: int, method: Method) 
     )  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--items", type=int, default=68_509)
-    parser.add_argument("--users", type=int, default=2_469)
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, SampleResponse]]
+
+
+def synthetic_steps(
+    items: int, users: int, batch: int, steps: int, methods: Sequence[Method]
+) -> tuple[Context, torch.Tensor, list[Batch]]:
+    """A Complete Journey-shaped context, item features and ``steps`` batches (positives,
+    histories, users, each method's draws by name), the same for every caller given its sizes."""
     rng = np.random.default_rng(0)
-    items, batch = args.items, args.batch
-    per_user = rng.integers(5, 60, args.users)
+    per_user = rng.integers(5, 60, users)
     train_ptr = np.concatenate(([0], np.cumsum(per_user))).astype(np.int64)
     train_items = np.concatenate(
         [np.sort(rng.choice(items, k, replace=False)) for k in per_user]
@@ -79,21 +83,36 @@ def main() -> None:
         log_frequency=np.log(frequency / frequency.sum()), train_ptr=train_ptr,
         train_items=train_items, temperature=0.05, eta=0.6, hard_lambda=0.1,
     )  # fmt: skip
-    features = torch.randn(items, 64)
+    features = torch.randn(items, 64, generator=torch.Generator().manual_seed(0))
+    batches: list[Batch] = []
+    for _ in range(steps):
+        user_ids = rng.integers(0, users, batch)
+        history = rng.integers(0, items, (batch, HISTORY))
+        history[:, : HISTORY // 4] = items  # padding
+        positives = rng.integers(0, items, batch)
+        draws = {m.name: _response(rng, items, batch, m) for m in methods}
+        batches.append((positives, history, user_ids, draws))
+    return ctx, features, batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--items", type=int, default=68_509)
+    parser.add_argument("--users", type=int, default=2_469)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    args = parser.parse_args()
+    setup_trainer(1)
+    ctx, features, batches = synthetic_steps(
+        args.items, args.users, args.batch, args.steps + 1, METHODS
+    )
+    items, batch = args.items, args.batch
     configurations = [(method, shared) for method in METHODS for shared in (True, False)]
     models = {}
     for method, shared in configurations:
         torch.manual_seed(0)
         model = TwoTower(features)
         models[method.name, shared] = (model, adam(model, 1e-3))
-    batches = []
-    for _ in range(args.steps + 1):
-        users = rng.integers(0, args.users, batch)
-        history = rng.integers(0, items, (batch, HISTORY))
-        history[:, : HISTORY // 4] = items  # padding
-        positives = rng.integers(0, items, batch)
-        draws = {m.name: _response(rng, items, batch, m) for m in METHODS}
-        batches.append((positives, history, users, draws))
     # In turn, step by step, so that a noisy neighbour slows every configuration alike.
     samples: dict[tuple[str, bool], list[float]] = {(m.name, s): [] for m, s in configurations}
     for number, (positives, history, users, draws) in enumerate(batches):

@@ -18,7 +18,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from esans_eval.budget import Budget
@@ -40,6 +39,7 @@ from esans_eval.runners import (
     local_service,
     publish_codebooks,
 )
+from esans_eval.trainer_process import setup_trainer
 from esans_eval.training import COLD_MAX_COUNT, Sampling, evaluate, train_run
 from esans_sampler.client import SamplerClient
 
@@ -92,8 +92,7 @@ def run_experiment(
 
     if progress_path is not None:
         Progress.check(progress_path, budget)  # before hours of preparation
-    if budget.threads is not None:
-        torch.set_num_threads(budget.threads)
+    setup_trainer(budget.threads)
     clock = time.perf_counter()
     data = prepare(dataset, budget, cache_dir)
     progress = Progress(progress_path, budget, data.features_digest)

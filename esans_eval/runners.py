@@ -24,14 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import torch
-
 from esans_eval.budget import Budget
 from esans_eval.codebooks import build_codebook, fine_cells, popularity_artifact
 from esans_eval.datasets import Dataset
 from esans_eval.negatives import FULL, Method
 from esans_eval.prepared import Prepared, prepare
 from esans_eval.results import RunResult
+from esans_eval.trainer_process import setup_trainer
 from esans_eval.training import Sampling, train_run
 from esans_sampler.artifact import CodebookArtifact
 from esans_service.harness import LocalService
@@ -173,8 +172,7 @@ _stop_requested = False
 def _start_worker(dataset: Dataset, budget: Budget, cache_dir: str, plan: CodebookPlan) -> None:
     global _worker, _service, _starting_service
     signal.signal(signal.SIGTERM, _on_sigterm)
-    if budget.threads is not None:
-        torch.set_num_threads(budget.threads)
+    setup_trainer(budget.threads)
     data = prepare(dataset, budget, cache_dir, show_progress=False)
     _starting_service = True  # a SIGTERM now waits until the service is up, then stops it
     try:

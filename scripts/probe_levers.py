@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from esans_eval.cli import BUDGETS
 from esans_eval.codebooks import build_codebook, fine_cells
@@ -45,6 +44,7 @@ from esans_eval.datasets import load_movielens
 from esans_eval.methods import DEFAULT_LEVERS, METHODS, TUNING
 from esans_eval.negatives import FULL, Method
 from esans_eval.prepared import prepare
+from esans_eval.trainer_process import setup_trainer
 from esans_eval.training import Sampling, train_run
 from esans_sampler.client import SampleResponse
 from esans_service.harness import LocalService
@@ -196,8 +196,7 @@ def main() -> None:
     budget = BUDGETS[args.dataset]
     if args.learning_rate is not None:
         budget = replace(budget, learning_rate=args.learning_rate)
-    if budget.threads is not None:
-        torch.set_num_threads(budget.threads)  # as the evaluation trains
+    setup_trainer(budget.threads)  # as the evaluation trains
     dataset = (
         load_completejourney() if args.dataset == "completejourney" else load_movielens("ml-1m")
     )

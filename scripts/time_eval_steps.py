@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +39,15 @@ from esans_eval.prepared import prepare
 from esans_eval.training import Sampling, evaluate, train_run
 from esans_eval.two_tower import TwoTower
 from esans_service.harness import LocalService
+
+try:
+    from esans_eval.trainer_process import setup_trainer
+except ImportError:  # a revision before it: its trainers only set torch's threads
+
+    def setup_trainer(threads: int | None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+
 
 DATASETS = ("completejourney", "ml-1m")
 
@@ -78,10 +88,11 @@ def configuration_of(key: str, method: str, chosen: dict[str, str]) -> str:
     return "ESANS (paper) per positive" if per_positive else "ESANS (paper)"
 
 
-def time_steps(dataset: str, steps: int, cache_dir: str, out: Path) -> None:
+def time_steps(
+    dataset: str, steps: int, cache_dir: str, out: Path, only: list[str] | None = None
+) -> None:
     budget = replace(BUDGETS[dataset], max_steps=steps)
-    if budget.threads is not None:
-        torch.set_num_threads(budget.threads)
+    setup_trainer(budget.threads)
     data = prepare(
         load_completejourney() if dataset == "completejourney" else load_movielens("ml-1m"),
         budget, cache_dir,
@@ -96,21 +107,32 @@ def time_steps(dataset: str, steps: int, cache_dir: str, out: Path) -> None:
         clock = time.perf_counter()
         evaluate(model, data, "valid")
         validation = time.perf_counter() - clock
-        for name, method in configurations().items():
+        chosen = {k: m for k, m in configurations().items() if only is None or k in only}
+        if only and len(chosen) < len(set(only)):
+            raise SystemExit(f"unknown configuration in {only}; known: {list(configurations())}")
+        for name, method in chosen.items():
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             run = train_run(
                 data, method, sampling, service.client, budget, seed=0, epochs=1,
                 evaluate_test=False, show_progress=False,
             )  # fmt: skip
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             step_seconds = (run.epochs[0].seconds - validation) / run.steps
             record = {
                 "dataset": dataset,
                 "configuration": name,
                 "step_seconds": step_seconds,
                 "validation_seconds": validation,
+                # pages the process faulted in per step (the validation pass's included)
+                "page_faults_per_step": faults / run.steps,
             }
             with out.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            print(f"{dataset} {name}: {step_seconds * 1e3:.0f} ms per step", flush=True)
+            print(
+                f"{dataset} {name}: {step_seconds * 1e3:.0f} ms per step, "
+                f"{faults / run.steps:.0f} page faults per step",
+                flush=True,
+            )
 
 
 def project(old_path: Path, new_path: Path) -> None:
@@ -155,6 +177,9 @@ def main() -> None:
     mode.add_argument("--project", nargs=2, type=Path, metavar=("OLD", "NEW"))
     parser.add_argument("--dataset", choices=DATASETS, action="append")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument(
+        "--configuration", action="append", help="time only this one (repeatable; --time)"
+    )
     parser.add_argument("--cache-dir", default="var/eval-cache")
     parser.add_argument("--out", type=Path, default=Path("var/eval-steps.jsonl"))
     args = parser.parse_args()
@@ -163,7 +188,7 @@ def main() -> None:
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for dataset in args.dataset or DATASETS:
-        time_steps(dataset, args.steps, args.cache_dir, args.out)
+        time_steps(dataset, args.steps, args.cache_dir, args.out, args.configuration)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ TINY = {
     "bench_delta.py": ["--items", "5000"],
     "bench_loss.py": ["--negatives", "300", "--repeat", "2"],
     "bench_eval_step.py": ["--items", "3000", "--users", "50", "--batch", "64", "--steps", "2"],
+    "bench_eval_allocator.py": [
+        "--items", "3000", "--users", "50", "--batch", "64", "--steps", "2", "--rounds", "1",
+    ],
     "bench_eval_jobs.py": [
         "--dataset", "ml-100k", "--max-users", "60", "--max-steps", "2", "--text-encoder", "hash",
         "--cache-dir", str(Path(tempfile.gettempdir()) / "esans-bench-eval-jobs"),
